@@ -1,0 +1,53 @@
+"""Argument checks shared by the memories and losses: each error names the argument and what it got."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_features(name: str, features: torch.Tensor, dim: int, device: torch.device) -> None:
+    """Raise if ``features`` is not a floating (B, dim) tensor on ``device``."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {features.dtype}")
+    if features.dim() != 2 or features.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (B, {dim}), got {tuple(features.shape)}")
+    if features.device != device:
+        raise ValueError(
+            f"{name} is on {features.device} but the memory is on {device}; "
+            "move the module with .to(device) instead of relying on a silent copy"
+        )
+
+
+def check_index_vector(name: str, values: torch.Tensor, length: int, device: torch.device) -> None:
+    """Raise if ``values`` is not an integer vector of ``length`` entries on ``device``."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {values.dtype}")
+    if values.dim() != 1 or values.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},) to match the features, got {tuple(values.shape)}")
+    if values.device != device:
+        raise ValueError(f"{name} is on {values.device} but the memory is on {device}")
+
+
+def check_range(name: str, values: torch.Tensor, upper: int) -> None:
+    """Raise if any entry of ``values`` lies outside ``[0, upper)``."""
+    if values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}), got values in [{low}, {high}]")
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_fraction(name: str, value: float, *, closed_right: bool = False) -> None:
+    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+    if not ok:
+        interval = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")

@@ -1,0 +1,106 @@
+"""MemoryBank: one momentum-updated unit vector per training sample (NPID)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import check_features, check_fraction, check_index_vector, check_positive_int, check_range
+from .distributed import gather_rows
+from .memory import Memory
+
+
+class MemoryBank(Memory):
+    r"""One slot per training sample, updated with momentum after each step (Wu et al., 2018).
+
+    For sample :math:`i` with view embeddings :math:`f_1..f_V` in a step, the entry becomes
+
+    .. math::
+        \text{bank}_i \leftarrow \operatorname{normalize}\big(m\,\text{bank}_i
+        + (1 - m)\,\tfrac{1}{V}\textstyle\sum_v \hat f_v\big),
+        \qquad \hat f = f / \lVert f \rVert .
+
+    ``momentum`` weights the **old** entry, as in NPID (``m = 0.5``); ``m = 0`` replaces it.
+    All state is in buffers: ``features`` (unit rows, random on the sphere at start) and
+    ``groups`` (the merged-instance id of each entry, ``arange`` until a
+    :class:`~ssl_memory.NeighbourMerger` writes it), so ``state_dict()`` resumes exactly.
+
+    Under ``torch.distributed``, :meth:`update` gathers every rank's rows in rank order before
+    writing, and the first update copies rank 0's buffers to every rank.
+
+    Args:
+        num_entries: number of training samples N.
+        dim: embedding width D.
+        momentum: weight of the old entry, in [0, 1).
+        dtype: storage dtype; ``torch.bfloat16`` or ``torch.float16`` halve the memory. Updates and
+            similarities are computed in float32.
+        device: where the bank lives.
+        generator: random generator for the initial entries.
+
+    Shape:
+        - ``features``: (N, D); ``groups``: (N,)
+        - :meth:`update`: indices (B,), features (B, D)
+
+    Example::
+
+        >>> bank = MemoryBank(50_000, 128)
+        >>> f = F.normalize(torch.randn(8, 128), dim=1)
+        >>> bank.update(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), f)  # two views of samples 0-3
+    """
+
+    features: torch.Tensor
+    groups: torch.Tensor
+
+    def __init__(
+        self,
+        num_entries: int,
+        dim: int,
+        momentum: float = 0.5,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__("features")
+        check_positive_int("num_entries", num_entries)
+        check_positive_int("dim", dim)
+        check_fraction("momentum", momentum)
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.momentum = momentum
+        initial = F.normalize(torch.randn(num_entries, dim, generator=generator), dim=1)
+        self.register_buffer("features", initial.to(device=device, dtype=dtype))
+        self.register_buffer("groups", torch.arange(num_entries, device=device))
+
+    @property
+    def num_entries(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def __len__(self) -> int:
+        return self.num_entries
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """Move the entries of ``indices`` towards ``features``; rows sharing an index are averaged first.
+
+        Nothing is written when any check fails (on any rank, under ``torch.distributed``).
+        """
+        device = self.features.device
+        check_features("features", features, self.dim, device)
+        check_index_vector("indices", indices, features.shape[0], device)
+        check_range("indices", indices, self.num_entries)
+        finite = bool(torch.isfinite(features).all())
+        indices, features = gather_rows(indices, features, finite=finite)
+        self._sync_before_first_write()
+        rows, inverse = indices.unique(return_inverse=True)
+        unit = F.normalize(features.float(), dim=1)
+        sums = unit.new_zeros(rows.numel(), self.dim).index_add_(0, inverse, unit)
+        mean = sums / torch.bincount(inverse, minlength=rows.numel()).unsqueeze(1)
+        old = self.features[rows].float()
+        self._write_rows_(rows, F.normalize(self.momentum * old + (1 - self.momentum) * mean, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"num_entries={self.num_entries}, dim={self.dim}, momentum={self.momentum}, dtype={self.features.dtype}"
