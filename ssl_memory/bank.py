@@ -83,17 +83,21 @@ class MemoryBank(Memory):
         return self.num_entries
 
     @torch.no_grad()
-    def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+    def update(self, indices: torch.Tensor, features: torch.Tensor, gather: bool = True) -> None:
         """Move the entries of ``indices`` towards ``features``; rows sharing an index are averaged first.
 
         Nothing is written when any check fails (on any rank, under ``torch.distributed``).
+        ``gather=False`` writes this process's rows only, for a batch already gathered from every rank.
         """
         device = self.features.device
         check_features("features", features, self.dim, device)
         check_index_vector("indices", indices, features.shape[0], device)
         check_range("indices", indices, self.num_entries)
         finite = bool(torch.isfinite(features).all())
-        indices, features = gather_rows(indices, features, finite=finite)
+        if gather:
+            indices, features = gather_rows(indices, features, finite=finite)
+        elif not finite:
+            raise ValueError("features contain NaN or infinite values; the memory was left unchanged")
         self._sync_before_first_write()
         rows, inverse = indices.unique(return_inverse=True)
         unit = F.normalize(features.float(), dim=1)

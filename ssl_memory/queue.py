@@ -101,10 +101,12 @@ class Queue(Memory):
         return (int(self.pointer) + torch.arange(num_rows, device=self.slots.device)) % self.size
 
     @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None, gather: bool = True) -> None:
         """Append rows (and their labels), overwriting the oldest once full.
 
         Nothing is written when any check fails (on any rank, under ``torch.distributed``).
+        ``gather=False`` writes this process's rows only: for callers whose batch was already
+        gathered from every rank (PML's ``DistributedLossWrapper``).
         """
         device = self.slots.device
         check_features("features", features, self.dim, device)
@@ -116,7 +118,9 @@ class Queue(Memory):
             raise ValueError("labels were given to a Queue built with labelled=False; build it with labelled=True")
         finite = bool(torch.isfinite(features).all())
         tensors = (features, labels) if self.labelled else (features,)
-        gathered = gather_rows(*tensors, finite=finite)
+        gathered = gather_rows(*tensors, finite=finite) if gather else tensors
+        if not finite:  # gather_rows raises for every rank; a local write still must not store NaN
+            raise ValueError("features contain NaN or infinite values; the memory was left unchanged")
         self._sync_before_first_write()
         gathered = [t[-self.size :] for t in gathered]  # only the newest `size` rows can survive
         num_rows = gathered[0].shape[0]

@@ -1,0 +1,264 @@
+"""Evaluation of embeddings: weighted kNN classification (NPID) and retrieval metrics (through PML).
+
+- :func:`knn_predict` / :func:`knn_accuracy`: the weighted k-nearest-neighbour classifier of NPID
+  (Wu et al., 2018), the standard way to score self-supervised embeddings on *seen* classes. The
+  gallery may be a :class:`~ssl_memory.MemoryBank`, whose entries are the training set's embeddings
+  for free, which makes a cheap accuracy monitor during training. ``k=1`` is plain 1-NN accuracy.
+- :func:`retrieval_metrics`: Recall@K, MAP@R and precision@1 on *unseen* classes, computed by
+  pytorch-metric-learning's ``AccuracyCalculator`` (:class:`RetrievalCalculator` adds Recall@K to it),
+  with its exact torch kNN in chunks, so faiss is not needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, try_getting_not_lone_labels
+from pytorch_metric_learning.utils.inference import CustomKNN
+
+from ._validation import check_positive_int
+from .bank import MemoryBank
+
+__all__ = ["RetrievalCalculator", "knn_accuracy", "knn_predict", "retrieval_metrics"]
+
+
+def _embeddings(name: str, x: torch.Tensor | MemoryBank) -> torch.Tensor:
+    if isinstance(x, MemoryBank):
+        x = x.features
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a MemoryBank, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dim() != 2:
+        raise ValueError(f"{name} must be a floating-point (N, D) tensor, got dtype {x.dtype} and shape {tuple(x.shape)}")
+    return x
+
+
+def _labels(name: str, labels: torch.Tensor, length: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(labels.shape)}")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"{name} must be non-negative class ids, got a minimum of {int(labels.min())}")
+    return labels
+
+
+@torch.no_grad()
+def knn_predict(
+    query: torch.Tensor,
+    gallery: torch.Tensor | MemoryBank,
+    gallery_labels: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    r"""Class scores of weighted kNN classification by cosine similarity, as in NPID.
+
+    For a query :math:`q`, with :math:`s_j = \hat q \cdot \hat g_j` its cosine similarity to gallery
+    entry :math:`j` and :math:`\mathcal{N}_k(q)` the :math:`k` most similar entries, the score of class
+    :math:`c` is
+
+    .. math::
+        w_c(q) = \sum_{j \in \mathcal{N}_k(q),\ y_j = c} \exp(s_j / T).
+
+    NPID uses :math:`k = 200` and the training temperature (:math:`T = 0.07`); Ye et al. (2019) use
+    :math:`T = 0.1`. Queries are processed ``chunk_size`` at a time, so only a (chunk_size, N)
+    similarity block is ever held, whatever the gallery size.
+
+    Args:
+        query: query embeddings (normalised here).
+        gallery: gallery embeddings (normalised here), or a :class:`~ssl_memory.MemoryBank` whose
+            ``features`` are used (e.g. the bank of the training set, for a monitor during training).
+        gallery_labels: class id of each gallery entry.
+        k: neighbours that vote (clipped to the gallery size); ``k=1`` is the 1-NN classifier.
+        temperature: :math:`T` of the vote weights.
+        num_classes: number of classes; defaults to ``gallery_labels.max() + 1``.
+        chunk_size: queries per similarity block.
+
+    Returns:
+        (Q, num_classes) float32 class scores; ``scores.argmax(1)`` is the prediction.
+
+    Shape:
+        - query: (Q, D); gallery: (N, D); gallery_labels: (N,)
+        - output: (Q, num_classes)
+
+    Example::
+
+        >>> gallery, labels = torch.randn(100, 16), torch.randint(0, 5, (100,))
+        >>> knn_predict(torch.randn(8, 16), gallery, labels, k=10).argmax(1).shape
+        torch.Size([8])
+    """
+    query = _embeddings("query", query)
+    gallery = _embeddings("gallery", gallery)
+    gallery_labels = _labels("gallery_labels", gallery_labels, gallery.shape[0])
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query has {query.shape[1]} dims but gallery has {gallery.shape[1]}")
+    check_positive_int("k", k)
+    check_positive_int("chunk_size", chunk_size)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if gallery.shape[0] == 0:
+        raise ValueError("gallery must hold at least one entry, got 0")
+    if num_classes is None:
+        num_classes = int(gallery_labels.max()) + 1
+    elif int(gallery_labels.max()) >= num_classes:
+        raise ValueError(f"gallery_labels must lie in [0, {num_classes}), got a maximum of {int(gallery_labels.max())}")
+    k = min(k, gallery.shape[0])
+    gallery_labels = gallery_labels.to(gallery.device)
+    gallery = F.normalize(gallery.float(), dim=1)
+    scores = []
+    for start in range(0, query.shape[0], chunk_size):
+        block = F.normalize(query[start : start + chunk_size].float().to(gallery.device), dim=1)
+        sims, nearest = (block @ gallery.T).topk(k, dim=1)
+        votes = torch.zeros(block.shape[0], num_classes, device=gallery.device)
+        scores.append(votes.scatter_add_(1, gallery_labels[nearest], (sims / temperature).exp()))
+    if not scores:
+        return torch.zeros(0, num_classes, device=gallery.device)
+    return torch.cat(scores)
+
+
+def knn_accuracy(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | MemoryBank,
+    gallery_labels: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> float:
+    """Accuracy of :func:`knn_predict` on labelled queries (ties go to the smallest class id).
+
+    Args:
+        query, gallery, gallery_labels, k, temperature, chunk_size: as in :func:`knn_predict`.
+        query_labels: true class of each query.
+
+    Shape:
+        - query: (Q, D); query_labels: (Q,); gallery: (N, D); gallery_labels: (N,)
+
+    Example::
+
+        >>> bank = MemoryBank(100, 16)   # e.g. the training set's bank, during training
+        >>> acc = knn_accuracy(torch.randn(8, 16), torch.randint(0, 5, (8,)), bank, torch.randint(0, 5, (100,)))
+    """
+    query = _embeddings("query", query)
+    query_labels = _labels("query_labels", query_labels, query.shape[0])
+    if query.shape[0] == 0:
+        raise ValueError("query must hold at least one row, got 0")
+    gallery_labels = _labels("gallery_labels", gallery_labels, _embeddings("gallery", gallery).shape[0])
+    num_classes = int(max(int(query_labels.max()), int(gallery_labels.max()))) + 1
+    scores = knn_predict(query, gallery, gallery_labels, k, temperature, num_classes, chunk_size)
+    return (scores.argmax(1).cpu() == query_labels.cpu()).float().mean().item()
+
+
+class RetrievalCalculator(AccuracyCalculator):
+    """PML's ``AccuracyCalculator`` with Recall@K added as the metric ``"recall_at_k"``.
+
+    Recall@K is the share of queries with at least one same-class item among their K nearest
+    references (queries whose class has no other reference are left out, as PML does for its
+    metrics). ``calculate_recall_at_k`` returns ``{K: recall}`` for every K in ``recall_ks``; the kNN
+    search is widened to the largest K when PML's own ``k`` would stop earlier.
+
+    Args:
+        recall_ks: the K of Recall@K.
+        **kwargs: passed to ``AccuracyCalculator`` (``include``, ``k``, ``knn_func``, ``device``, ...).
+
+    Example::
+
+        >>> calc = RetrievalCalculator(recall_ks=(1, 2), include=("recall_at_k",), k="max_bin_count",
+        ...                            knn_func=CustomKNN(CosineSimilarity()), device=torch.device("cpu"))
+        >>> calc.get_accuracy(torch.randn(20, 8), torch.arange(20) % 4)["recall_at_k"].keys()
+        dict_keys([1, 2])
+    """
+
+    def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), **kwargs) -> None:
+        for value in recall_ks:
+            check_positive_int("recall_ks", value)
+        self.recall_ks = tuple(sorted(set(recall_ks)))
+        super().__init__(**kwargs)
+
+    def requires_knn(self) -> list[str]:
+        return [*super().requires_knn(), "recall_at_k"]
+
+    def determine_k(self, bin_counts, num_reference_embeddings, ref_includes_query):
+        k = super().determine_k(bin_counts, num_reference_embeddings, ref_includes_query)
+        available = num_reference_embeddings - int(ref_includes_query)
+        return min(max(k, max(self.recall_ks)), available)
+
+    def calculate_recall_at_k(self, knn_labels, query_labels, not_lone_query_mask, **kwargs) -> dict[int, float]:
+        knn_labels, query_labels = try_getting_not_lone_labels(knn_labels, query_labels, not_lone_query_mask)
+        if knn_labels is None:
+            return {k: float("nan") for k in self.recall_ks}
+        hits = self.label_comparison_fn(query_labels[:, None], knn_labels)
+        return {k: hits[:, :k].any(dim=1).double().mean().item() for k in self.recall_ks}
+
+
+def retrieval_metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    chunk_size: int = 1024,
+    map_at_r: bool = True,
+) -> dict[str, float]:
+    """Recall@K, MAP@R and precision@1 by cosine similarity, computed by PML's ``AccuracyCalculator``.
+
+    Without ``reference`` the queries are retrieved among themselves, each query's own row left out
+    (the unseen-class protocol). MAP@R (Musgrave et al., 2020) is computed over the R nearest
+    references, R being the number of references of the query's class.
+
+    Args:
+        query: query embeddings.
+        query_labels: class id of each query.
+        reference: embeddings to search; ``None`` searches ``query`` itself.
+        reference_labels: class id of each reference.
+        recall_ks: the K of Recall@K.
+        chunk_size: queries per similarity block of the kNN search.
+        map_at_r: compute MAP@R, which needs each query's R nearest references (R up to the largest
+            class); ``False`` searches only ``max(recall_ks)`` neighbours, much cheaper for a monitor.
+
+    Returns:
+        ``{"recall@1": ..., "recall@2": ..., "map@r": ..., "precision@1": ...}`` (no ``"map@r"``
+        when ``map_at_r`` is False).
+
+    Shape:
+        - query: (Q, D); query_labels: (Q,); reference: (N, D); reference_labels: (N,)
+
+    Example::
+
+        >>> x, y = torch.randn(40, 8), torch.arange(40) % 4
+        >>> sorted(retrieval_metrics(x, y, recall_ks=(1, 4)))
+        ['map@r', 'precision@1', 'recall@1', 'recall@4']
+    """
+    query = _embeddings("query", query)
+    query_labels = _labels("query_labels", query_labels, query.shape[0])
+    if (reference is None) != (reference_labels is None):
+        raise ValueError("reference and reference_labels must be given together")
+    if reference is not None:
+        reference = _embeddings("reference", reference)
+        reference_labels = _labels("reference_labels", reference_labels, reference.shape[0])
+        if reference.shape[1] != query.shape[1]:
+            raise ValueError(f"query has {query.shape[1]} dims but reference has {reference.shape[1]}")
+    check_positive_int("chunk_size", chunk_size)
+    needed = query.shape[0] - 1 if reference is None else reference.shape[0]
+    if needed < 1:
+        raise ValueError(f"retrieval needs at least one reference per query, got {needed}")
+    include = ("recall_at_k", "precision_at_1") + (("mean_average_precision_at_r",) if map_at_r else ())
+    calculator = RetrievalCalculator(
+        recall_ks=recall_ks,
+        include=include,
+        k="max_bin_count" if map_at_r else max(recall_ks),
+        knn_func=CustomKNN(CosineSimilarity(), batch_size=chunk_size),
+        device=query.device,
+    )
+    result = calculator.get_accuracy(query.float(), query_labels, reference, reference_labels)
+    metrics = {f"recall@{k}": value for k, value in result["recall_at_k"].items()}
+    if map_at_r:
+        metrics["map@r"] = result["mean_average_precision_at_r"]
+    metrics["precision@1"] = result["precision_at_1"]
+    return metrics

@@ -1,0 +1,197 @@
+"""MemoryBankLoss: instance discrimination against a memory bank, with views, consistency and merged positives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import check_features, check_index_vector, check_range
+from ..bank import MemoryBank
+from ._checks import check_non_negative_number, check_positive_number
+from .consistency import check_mode, consistency_from_log_probs
+
+
+class MemoryBankLoss(nn.Module):
+    r"""Non-parametric instance discrimination (NPID) with the improvements of Bulat et al. (ICASSP 2021).
+
+    Each row :math:`r` of the batch is a view of sample :math:`i_r`; with :math:`f_r` its normalised
+    embedding, :math:`\ell_{r,j} = f_r \cdot \text{bank}_j / \tau` its logits over all N entries and
+    :math:`G(i)` the merge group of sample :math:`i` (entries :math:`j` with
+    ``memory.groups[j] == memory.groups[i]``),
+
+    .. math::
+        \mathcal{L} = \frac{1}{R} \sum_r -\log \frac{\sum_{j \in G(i_r)} e^{\ell_{r,j}}}{\sum_{j=1}^{N} e^{\ell_{r,j}}}
+            \; + \; \lambda \, \mathcal{L}_{\text{cons}}(\ell, i),
+
+    where :math:`\mathcal{L}_{\text{cons}}` is :class:`~ssl_memory.ConsistencyLoss` (temperature 1 on
+    these logits, so its distributions are exactly the ones the first term uses). Without merges,
+    views or consistency this is NPID's full softmax: a cross-entropy with the dataset indices as
+    targets. Rows sharing an index are views of one sample; after the loss, the bank entry of each
+    sample moves towards the mean of its views (:meth:`MemoryBank.update`, no gradient), and a
+    ``merger`` then gets one :meth:`step` on the updated bank.
+
+    The bank is read through :meth:`Memory.similarity` and written in the same forward: the read
+    records the rows that the write overwrites, so ``backward()`` afterwards uses the bank exactly
+    as it was read, without a copy of the bank. Merged positives are gathered from each row's
+    logits through a padded (R, G_max) index built by sorting ``memory.groups`` (cached until the
+    groups change); consistency reuses the discrimination's log-softmax: no second (R, N) product.
+
+    Args:
+        num_samples: N, the number of training samples (when the loss builds its bank).
+        dim: embedding width D (when the loss builds its bank).
+        temperature: :math:`\tau`.
+        momentum: momentum of the bank it builds (weight of the old entry); an existing ``memory``
+            keeps its own.
+        consistency_weight: :math:`\lambda \ge 0`; 0 skips the term.
+        consistency_mode: ``"pairwise"`` or ``"mean"``, see :class:`~ssl_memory.ConsistencyLoss`.
+        merger: an object with ``step(memory)`` (a :class:`~ssl_memory.NeighbourMerger`), called once
+            after every memory update; it may rewrite ``memory.groups``, which this loss only reads.
+        memory: an existing :class:`~ssl_memory.MemoryBank` to use instead of building one.
+
+    Shape:
+        - embeddings: (R, D), any scale (normalised inside)
+        - indices: (R,), dataset indices in [0, N); equal indices mark views of one sample
+        - output: scalar; :meth:`terms` gives ``"discrimination"`` (R,) and ``"consistency"`` (scalar)
+
+    After each call, :attr:`last` holds detached 0-d tensors for logging (no device sync):
+    ``"discrimination"`` (mean over rows), ``"consistency"``, ``"positive_prob"`` (the mean over rows
+    of the probability of the row's group) and ``"merge"`` (the report the merger returned at this
+    call, or None).
+
+    Example::
+
+        >>> criterion = MemoryBankLoss(num_samples=50_000, dim=128, consistency_weight=1.0)
+        >>> batch = next(iter(loader))  # MultiAugCollate(transform, views=4)
+        >>> loss = criterion(model(batch["views"]), batch["indices"])
+        >>> loss.backward()
+    """
+
+    memory: MemoryBank
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        dim: int | None = None,
+        temperature: float = 0.07,
+        momentum: float = 0.5,
+        consistency_weight: float = 0.0,
+        consistency_mode: str = "pairwise",
+        merger: Any = None,
+        memory: MemoryBank | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_number("temperature", temperature)
+        check_non_negative_number("consistency_weight", consistency_weight)
+        check_mode(consistency_mode)
+        if merger is not None and not callable(getattr(merger, "step", None)):
+            raise TypeError(f"merger must have a step(memory) method, got {type(merger).__name__}")
+        if memory is None:
+            if num_samples is None or dim is None:
+                raise ValueError("give num_samples and dim, or an existing MemoryBank as memory=")
+            memory = MemoryBank(num_samples, dim, momentum=momentum)
+        elif not isinstance(memory, MemoryBank):
+            raise TypeError(f"memory must be a MemoryBank, got {type(memory).__name__}")
+        else:
+            for name, value, actual in (("num_samples", num_samples, memory.num_entries), ("dim", dim, memory.dim)):
+                if value is not None and value != actual:
+                    raise ValueError(f"{name}={value!r} does not match the given memory's {actual}")
+        self.memory = memory
+        self.temperature = float(temperature)
+        self.consistency_weight = float(consistency_weight)
+        self.consistency_mode = consistency_mode
+        self.merger = merger
+        self.last: dict[str, Any] = {}
+        self._groups_key: tuple | None = None
+        self._members: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, embeddings: torch.Tensor, indices: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
+        terms = self.terms(embeddings, indices, update_memory=update_memory)
+        loss = terms["discrimination"].mean()
+        if self.consistency_weight > 0:
+            loss = loss + self.consistency_weight * terms["consistency"]
+        return loss
+
+    def terms(
+        self, embeddings: torch.Tensor, indices: torch.Tensor, update_memory: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The unreduced parts of the loss; updates the memory (and steps the merger) when asked."""
+        memory = self.memory
+        device = memory.features.device
+        check_features("embeddings", embeddings, memory.dim, device)
+        check_index_vector("indices", indices, embeddings.shape[0], device)
+        if embeddings.shape[0] == 0:
+            raise ValueError("embeddings must hold at least one row, got shape (0, D)")
+        check_range("indices", indices, memory.num_entries)
+
+        unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+        logits = memory.similarity(unit * (1.0 / self.temperature))
+        members = self._group_members()
+        if self.consistency_weight > 0:
+            log_probs = F.log_softmax(logits, dim=1)
+            consistency = consistency_from_log_probs(log_probs, indices, self.consistency_mode)
+            if members is None:
+                discrimination = -log_probs.gather(1, indices.unsqueeze(1)).squeeze(1)
+            else:
+                discrimination = -_group_logsumexp(log_probs, indices, members)
+        else:
+            consistency = logits.new_zeros(())
+            if members is None:
+                discrimination = F.cross_entropy(logits, indices, reduction="none")
+            else:
+                discrimination = torch.logsumexp(logits, dim=1) - _group_logsumexp(logits, indices, members)
+
+        report = None
+        if update_memory:
+            memory.update(indices, unit.detach())
+            if self.merger is not None:
+                report = self.merger.step(memory)
+        detached = discrimination.detach()
+        self.last = {
+            "discrimination": detached.mean(),
+            "consistency": consistency.detach(),
+            "positive_prob": torch.exp(-detached).mean(),
+            "merge": report,
+        }
+        return {"discrimination": discrimination, "consistency": consistency}
+
+    def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Entries sorted by group, and for each entry where its group starts and how many it has.
+
+        None while every group is a single entry. Recomputed only when ``memory.groups`` changes
+        (a merger writes it in place, which bumps its version counter).
+        """
+        groups = self.memory.groups
+        key = (id(groups), groups.data_ptr(), groups._version)
+        if key != self._groups_key:
+            order = torch.argsort(groups, stable=True)
+            _, rank, counts = torch.unique_consecutive(groups[order], return_inverse=True, return_counts=True)
+            if groups.numel() == 0 or int(counts.max()) == 1:
+                self._members = None
+            else:
+                entry_rank = torch.empty_like(rank).index_copy_(0, order, rank)
+                starts = counts.cumsum(0) - counts
+                self._members = (order, starts[entry_rank], counts[entry_rank])
+            self._groups_key = key
+        return self._members
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, consistency_weight={self.consistency_weight}, "
+            f"consistency_mode={self.consistency_mode!r}"
+        )
+
+
+def _group_logsumexp(
+    scores: torch.Tensor, indices: torch.Tensor, members: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """``log sum_{j in G(i_r)} exp(scores[r, j])`` for each row, from a padded (R, G_max) gather."""
+    order, starts, counts = members
+    row_start, row_count = starts[indices], counts[indices]
+    offsets = torch.arange(int(row_count.max()), device=scores.device)
+    slots = (row_start.unsqueeze(1) + offsets).clamp_(max=order.numel() - 1)
+    picked = scores.gather(1, order[slots])
+    picked = picked.masked_fill(offsets >= row_count.unsqueeze(1), float("-inf"))
+    return torch.logsumexp(picked, dim=1)

@@ -1,0 +1,124 @@
+"""QueueLoss: MoCo's InfoNCE of a query against its key and a FIFO queue of past keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validation import check_features, check_index_vector
+from ..queue import Queue
+from ._checks import check_positive_number
+
+# id stored with keys enqueued without sample ids: matches no (non-negative) sample id
+_NO_ID = -1
+
+
+class QueueLoss(nn.Module):
+    r"""MoCo's contrastive loss: each query must pick its own key among the keys of past batches (He et al., 2020).
+
+    With unit :math:`q, k_+` (normalised inside) and the queue's keys :math:`n_1..n_M`,
+
+    .. math::
+        \mathcal{L} = \frac{1}{B} \sum_b -\log
+            \frac{e^{q_b \cdot k_{+,b} / \tau}}{e^{q_b \cdot k_{+,b} / \tau} + \sum_m e^{q_b \cdot n_m / \tau}
+            + \sum_h e^{q_b \cdot h / \tau}},
+
+    that is cross-entropy with target 0 over ``[q.k+, q.queue, q.mixes] / T`` (MoCo's
+    ``l_pos``/``l_neg`` concatenation). The key is a target, as from MoCo's momentum encoder: it is
+    detached. After the loss the (detached, normalised) keys are enqueued, replacing the oldest.
+
+    - Empty queue (first step): the batch's other keys are the negatives, instead of failing.
+    - ``indices`` (dataset ids of the queries' samples, optional): queue entries holding a key of the
+      query's own sample (the queue remembers ids) are left out of its negatives, since with a queue
+      at least as large as the dataset, or several views per sample, they are false negatives.
+    - ``mixer`` (a :class:`~ssl_memory.HardNegativeMixer`): its synthetic negatives :math:`h`, built
+      from each query's own hardest negatives, join that query's denominator (no gradient through them).
+
+    The queue is read through :meth:`Memory.similarity` and written in the same forward; the read
+    records the slots the write overwrites, so ``backward()`` sees the queue as read, without the copy
+    of the whole queue MoCo makes each step.
+
+    Args:
+        size: queue capacity M.
+        dim: embedding width D.
+        temperature: :math:`\tau` (0.07 in MoCo v1, 0.2 in v2).
+        mixer: optional :class:`~ssl_memory.HardNegativeMixer` (or any callable with its signature).
+
+    Shape:
+        - query: (B, D); key: (B, D); indices: (B,) non-negative integers, optional
+        - output: scalar; :meth:`terms` gives ``"contrastive"`` (B,)
+
+    Example::
+
+        >>> criterion = QueueLoss(size=65536, dim=128, temperature=0.2)
+        >>> q = encoder(view_1)
+        >>> with torch.no_grad():
+        ...     k = momentum_encoder(view_2)
+        >>> loss = criterion(q, k)
+        >>> loss.backward()
+    """
+
+    queue: Queue
+
+    def __init__(self, size: int = 65536, dim: int = 128, temperature: float = 0.2, mixer: Any = None) -> None:
+        super().__init__()
+        check_positive_number("temperature", temperature)
+        if mixer is not None and not callable(mixer):
+            raise TypeError(f"mixer must be a HardNegativeMixer or a callable, got {type(mixer).__name__}")
+        self.queue = Queue(size, dim, labelled=True)
+        self.temperature = float(temperature)
+        self.mixer = mixer
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None = None, update_memory: bool = True
+    ) -> torch.Tensor:
+        return self.terms(query, key, indices, update_memory=update_memory)["contrastive"].mean()
+
+    def terms(
+        self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None = None, update_memory: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The per-query loss; enqueues the keys when ``update_memory``."""
+        queue = self.queue
+        device = queue.slots.device
+        check_features("query", query, queue.dim, device)
+        check_features("key", key, queue.dim, device)
+        if key.shape[0] != query.shape[0]:
+            raise ValueError(f"key must have one row per query: query is {tuple(query.shape)}, key {tuple(key.shape)}")
+        if query.shape[0] == 0:
+            raise ValueError("query must hold at least one row, got shape (0, D)")
+        if indices is not None:
+            check_index_vector("indices", indices, query.shape[0], device)
+            if int(indices.min()) < 0:
+                raise ValueError(f"indices must be non-negative sample ids, got minimum {int(indices.min())}")
+
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        q = F.normalize(query.to(dtype), dim=1)
+        k = F.normalize(key.detach().to(dtype), dim=1)
+        scaled = q * (1.0 / self.temperature)  # scaling the (B, D) query spares an op on (B, M)
+        positive = (scaled * k).sum(1, keepdim=True)
+        if len(queue) > 0:
+            negatives, table = queue.similarity(scaled), queue.features
+            if indices is not None:
+                negatives = negatives.masked_fill(queue.labels.unsqueeze(0) == indices.unsqueeze(1), float("-inf"))
+        else:
+            negatives, table = scaled @ k.T, k
+            own = torch.eye(k.shape[0], dtype=torch.bool, device=device)
+            if indices is not None:
+                own |= indices.unsqueeze(0) == indices.unsqueeze(1)
+            negatives = negatives.masked_fill(own, float("-inf"))
+        parts = [positive, negatives]
+        if self.mixer is not None:
+            parts.append(self.mixer.similarities(scaled, table, negatives))  # -inf for a query without negatives
+        logits = torch.cat(parts, dim=1)
+        contrastive = F.cross_entropy(logits, torch.zeros_like(logits[:, 0], dtype=torch.long), reduction="none")
+
+        if update_memory:
+            ids = indices if indices is not None else torch.full_like(k[:, 0], _NO_ID, dtype=torch.long)
+            queue.enqueue(k, ids)
+        return {"contrastive": contrastive}
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
