@@ -34,17 +34,17 @@ METHODS = ("npid", "npid-4v", "npid-4v-cons", "full", "moco", "mochi", "xbm")
 class MethodSettings:
     """Hyper-parameters of the methods (the benchmark's command line sets them)."""
 
-    dim: int = 128
+    dim: int = 64
     views: int = 4
-    temperature: float = 0.07
-    bank_momentum: float = 0.5
-    consistency: float = 1.0
+    temperature: float = 0.05
+    bank_momentum: float = 0.0
+    consistency: float = 0.3
     consistency_warmup: int = 1
-    merge_warmup: int = 5
+    merge_warmup: int = 2
     merge_interval: int = 1
-    merge_initial_share: float = 0.05
-    merge_share_growth: float = 0.05
-    merge_max_share: float = 0.25
+    merge_initial_share: float = 0.1
+    merge_share_growth: float = 0.1
+    merge_max_share: float = 0.5
     merge_min_similarity: float = 0.5
     queue_size: int = 4096
     moco_temperature: float = 0.2

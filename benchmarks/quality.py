@@ -83,7 +83,7 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     width: int = 16
     eval_every: int = 5
@@ -104,7 +104,7 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     "cub200": {"protocols": ("unseen",), "epochs": 100, "batch_size": 128, "lr": 1e-3, "workers": 1, "threads": 0},
 }
 # What --quick changes (on top of the data set's settings).
-QUICK: dict[str, Any] = {"epochs": 12, "eval_every": 3}
+QUICK: dict[str, Any] = {"epochs": 6, "eval_every": 2}
 
 
 def make_encoder(settings: Settings, kind: str, in_channels: int) -> nn.Module:

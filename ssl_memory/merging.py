@@ -209,8 +209,7 @@ class NeighbourMerger(nn.Module):
     def share(self, round_index: int | None = None) -> float:
         """The share of candidate pairs merged at ``round_index`` (by default the next round)."""
         r = int(self.rounds) if round_index is None else round_index
-        # rounded so that reports read 0.15, not 0.15000000000000002
-        return min(self.max_share, round(self.initial_share + r * self.share_growth, 12))
+        return min(self.max_share, self.initial_share + r * self.share_growth)
 
     def is_due(self, steps_seen: int) -> bool:
         """Whether the schedule runs a round once ``steps_seen`` steps have been counted."""

@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import check_positive_int
-from .losses._checks import check_matrix, check_non_negative_int
-
+from ._validation import check_matrix, check_non_negative_int, check_positive_int
 
 _CHUNK = 64  # queries per block when gathering pair rows: bounds the temporary (chunk, S, D) tensors
 
@@ -129,7 +127,7 @@ class HardNegativeMixer(nn.Module):
         return mixes.masked_fill_(plan["empty"].unsqueeze(2), 0.0)
 
     def similarities(self, query: torch.Tensor, negatives: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        r"""``query . h`` for each of the query's mixes ``h`` (the ones :meth:`forward` would draw), without building them.
+        r"""``query . h`` for each mix ``h`` that :meth:`forward` would draw, without building the mixes.
 
         With :math:`L = q \cdot n` the given logits and :math:`\hat q = q / \lVert q \rVert` detached,
 

@@ -114,3 +114,17 @@ def test_bad_inputs():
         criterion(torch.randn(5, 3), torch.arange(5.0))
     with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
         criterion(torch.ones(5, 3, dtype=torch.long), torch.arange(5))
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "mean"])
+@pytest.mark.parametrize(
+    "indices",
+    [
+        torch.tensor([7, 2, 9, 7, 2, 9, 7, 2, 9]),  # view-major, as MultiAugCollate returns (reshape path)
+        torch.tensor([7, 7, 7, 2, 2, 2, 9, 9, 9]),  # sample-major: same samples, general path
+        torch.tensor([2, 7, 9, 7, 2, 9, 9, 7, 2]),  # blocks in different orders: general path
+    ],
+)
+def test_every_row_layout_matches_definition(indices, mode):
+    logits = torch.randn(len(indices), 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    compare(logits, indices, 0.5, mode)

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_features, check_index_vector
+from .._validation import check_features, check_index_vector, check_non_negative_int, check_non_negative_number
 from ..queue import Queue
-from ._checks import check_non_negative_int, check_non_negative_number
 
 # positives this similar are the anchor itself (or an exact duplicate) and are skipped, as in research-xbm
 _SELF_SIMILARITY = 1 - 1e-5

@@ -8,9 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_features, check_index_vector, check_range
+from .._validation import (
+    check_features,
+    check_index_vector,
+    check_non_negative_number,
+    check_positive_number,
+    check_range,
+)
 from ..bank import MemoryBank
-from ._checks import check_non_negative_number, check_positive_number
 from .consistency import check_mode, consistency_from_log_probs
 
 

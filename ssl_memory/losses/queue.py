@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_features, check_index_vector
+from .._validation import check_features, check_index_vector, check_positive_number
 from ..queue import Queue
-from ._checks import check_positive_number
 
 # id stored with keys enqueued without sample ids: matches no (non-negative) sample id
 _NO_ID = -1
