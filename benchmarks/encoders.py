@@ -17,12 +17,21 @@ import torch
 from torch import nn
 
 
+def _head(width: int, dim: int, kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(width, dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+    raise ValueError(f"head must be 'linear' or 'mlp', got {kind!r}")
+
+
 class SignalCNN(nn.Module):
     """Small 1D CNN: conv blocks with circular padding, global max pooling, an MLP head.
 
     Args:
         dim: output width.
         width: channels of the first block (the next ones use 2x and 4x as many).
+        head: ``"mlp"`` (two layers, as SimCLR/MoCo v2) or ``"linear"`` (as NPID).
 
     Shape:
         - input: (B, L)
@@ -34,7 +43,7 @@ class SignalCNN(nn.Module):
         torch.Size([8, 64])
     """
 
-    def __init__(self, dim: int = 128, width: int = 32) -> None:
+    def __init__(self, dim: int = 128, width: int = 32, head: str = "mlp") -> None:
         super().__init__()
 
         def block(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -50,7 +59,7 @@ class SignalCNN(nn.Module):
             block(2 * width, 2 * width, 3),
             block(2 * width, 4 * width, 3, stride=2),
         )
-        self.head = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.ReLU(inplace=True), nn.Linear(4 * width, dim))
+        self.head = _head(4 * width, dim, head)
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features before the head, (B, 4 * width): what the benchmark evaluates."""

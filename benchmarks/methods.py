@@ -140,6 +140,7 @@ class MemoryBankMethod(Method):
         )
         return {
             "positive_prob": float(self.criterion.last["positive_prob"]),
+            "consistency": float(self.criterion.last["consistency"]),
             "merged_share": float(merged.float().mean()),
             "largest_group": int(sizes.max()),
             "merge_purity": float(majority.sum() / per_group.sum()) if merged.any() else 1.0,

@@ -86,9 +86,11 @@ class Settings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     width: int = 16
+    head: str = "mlp"
     eval_every: int = 5
     knn_k: int = 200
     knn_temperature: float = 0.07
+    features: str = "backbone"
     device: str = "cpu"
     workers: int = 2
     threads: int = 1
@@ -110,7 +112,7 @@ QUICK: dict[str, Any] = {"epochs": 6, "eval_every": 2}
 def make_encoder(settings: Settings, kind: str, in_channels: int) -> nn.Module:
     dim = settings.method.dim
     if kind == "signal":
-        return SignalCNN(dim, settings.width)
+        return SignalCNN(dim, settings.width, settings.head)
     if settings.dataset == "mnist5k":
         return DigitCNN(dim, settings.width)
     return ResNet18(dim, in_channels)
@@ -123,22 +125,29 @@ def make_augment(settings: Settings, kind: str, generator: torch.Generator) -> n
 
 
 @torch.no_grad()
-def embed(encoder: nn.Module | None, x: torch.Tensor, device: str, batch: int = 1024) -> torch.Tensor:
-    """Unit-norm evaluation features: the encoder's backbone, or the flattened input when ``encoder`` is None."""
+def embed(encoder: nn.Module | None, x: torch.Tensor, device: str, features: str = "backbone", batch: int = 1024):
+    """Unit-norm evaluation features: the encoder's backbone (or output), or the flattened input without encoder."""
     if encoder is None:
         return F.normalize(x.flatten(1).float(), dim=1)
     was_training = encoder.training
     encoder.eval()
-    out = torch.cat([encoder.backbone(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    fn = encoder.backbone if features == "backbone" else encoder
+    out = torch.cat([fn(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
     encoder.train(was_training)
     return F.normalize(out, dim=1)
 
 
 def evaluate(encoder: nn.Module | None, data: ProtocolData, settings: Settings, final: bool) -> dict[str, float]:
     """Seen: kNN and 1-NN accuracy. Unseen: Recall@K (and MAP@R, precision@1 when ``final``)."""
-    query = embed(encoder, data.query.x, settings.device)
+    if settings.features == "both":
+        out = evaluate(encoder, data, dataclasses.replace(settings, features="backbone"), final)
+        if encoder is not None:
+            emb = evaluate(encoder, data, dataclasses.replace(settings, features="embedding"), final)
+            out.update({"emb_" + k: v for k, v in emb.items()})
+        return out
+    query = embed(encoder, data.query.x, settings.device, settings.features)
     if data.protocol == "seen":
-        gallery = embed(encoder, data.gallery.x, settings.device)
+        gallery = embed(encoder, data.gallery.x, settings.device, settings.features)
         args = (query, data.query.y, gallery, data.gallery.y)
         out = {"knn": knn_accuracy(*args, k=settings.knn_k, temperature=settings.knn_temperature)}
         if final:
@@ -422,9 +431,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, bool]:
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate, default {defaults.lr}")
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--width", type=int, default=None, help="encoder width")
+    parser.add_argument("--head", default=None, choices=("mlp", "linear"), help="projection head of the encoder")
     parser.add_argument("--eval-every", type=int, default=None, help="epochs between evaluations for the curves")
     parser.add_argument("--knn-k", type=int, default=None)
     parser.add_argument("--knn-temperature", type=float, default=None)
+    parser.add_argument("--features", default=None, choices=("backbone", "embedding", "both"),
+                        help="what is evaluated: the pooled backbone features, the output embedding, or both")
     parser.add_argument("--device", default=None, help="cpu or cuda")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (1 for a GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (0: torch's default)")
@@ -438,8 +450,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, bool]:
     values: dict[str, Any] = {"dataset": args.dataset, **DATASET_SETTINGS[args.dataset]}
     if args.quick:
         values.update(QUICK)
-    for name in ("data_root", "epochs", "batch_size", "lr", "weight_decay", "width", "eval_every", "knn_k",
-                 "knn_temperature", "device", "workers", "threads"):
+    for name in ("data_root", "epochs", "batch_size", "lr", "weight_decay", "width", "head", "eval_every", "knn_k",
+                 "knn_temperature", "features", "device", "workers", "threads"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for name in ("protocols", "methods", "seeds"):

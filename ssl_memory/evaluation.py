@@ -176,6 +176,8 @@ class RetrievalCalculator(AccuracyCalculator):
     """
 
     def __init__(self, recall_ks: Sequence[int] = (1, 2, 4, 8), **kwargs) -> None:
+        if len(recall_ks) == 0:
+            raise ValueError("recall_ks must hold at least one K, got an empty sequence")
         for value in recall_ks:
             check_positive_int("recall_ks", value)
         self.recall_ks = tuple(sorted(set(recall_ks)))
@@ -245,6 +247,10 @@ def retrieval_metrics(
         if reference.shape[1] != query.shape[1]:
             raise ValueError(f"query has {query.shape[1]} dims but reference has {reference.shape[1]}")
     check_positive_int("chunk_size", chunk_size)
+    if len(recall_ks) == 0:
+        raise ValueError("recall_ks must hold at least one K, got an empty sequence")
+    for value in recall_ks:
+        check_positive_int("recall_ks", value)
     needed = query.shape[0] - 1 if reference is None else reference.shape[0]
     if needed < 1:
         raise ValueError(f"retrieval needs at least one reference per query, got {needed}")

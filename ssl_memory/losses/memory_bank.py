@@ -54,6 +54,8 @@ class MemoryBankLoss(nn.Module):
         consistency_mode: ``"pairwise"`` or ``"mean"``, see :class:`~ssl_memory.ConsistencyLoss`.
         merger: an object with ``step(memory)`` (a :class:`~ssl_memory.NeighbourMerger`), called once
             after every memory update; it may rewrite ``memory.groups``, which this loss only reads.
+            Its schedule counts these calls: build it with ``steps_per_epoch=len(loader)`` to
+            schedule merge rounds in epochs.
         memory: an existing :class:`~ssl_memory.MemoryBank` to use instead of building one.
 
     Shape:
