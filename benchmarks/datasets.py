@@ -148,7 +148,9 @@ def load_cifar10(data_root: str | None) -> DataSet:
         for name in names:
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"data set 'cifar10': {path!r} not found (expected the python CIFAR-10 batches)")
+                raise FileNotFoundError(
+                    f"data set 'cifar10': {path!r} not found (expected the python CIFAR-10 batches)"
+                )
             with open(path, "rb") as f:
                 batch = pickle.load(f, encoding="bytes")
             xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))

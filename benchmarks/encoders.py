@@ -93,7 +93,9 @@ class DigitCNN(nn.Module):
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
             )
 
         self.features = nn.Sequential(block(1, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2))

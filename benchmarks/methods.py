@@ -198,7 +198,10 @@ class CrossBatchMethod(Method):
     def __init__(self, encoder: nn.Module, steps_per_epoch: int, settings: MethodSettings) -> None:
         super().__init__(encoder)
         self.criterion = CrossBatchLoss(
-            settings.xbm_size, settings.dim, margin=settings.xbm_margin, start_step=settings.xbm_warmup * steps_per_epoch
+            settings.xbm_size,
+            settings.dim,
+            margin=settings.xbm_margin,
+            start_step=settings.xbm_warmup * steps_per_epoch,
         )
 
     def loss(self, views: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -219,9 +222,11 @@ def build_method(
     if name == "npid-4v":
         return MemoryBankMethod(encoder, num_samples, steps_per_epoch, settings, settings.views, 0.0, False)
     if name == "npid-4v-cons":
-        return MemoryBankMethod(encoder, num_samples, steps_per_epoch, settings, settings.views, settings.consistency, False)
+        views, consistency = settings.views, settings.consistency
+        return MemoryBankMethod(encoder, num_samples, steps_per_epoch, settings, views, consistency, False)
     if name == "full":
-        return MemoryBankMethod(encoder, num_samples, steps_per_epoch, settings, settings.views, settings.consistency, True)
+        views, consistency = settings.views, settings.consistency
+        return MemoryBankMethod(encoder, num_samples, steps_per_epoch, settings, views, consistency, True)
     if name in ("moco", "mochi"):
         return MoCoMethod(encoder, settings, name == "mochi", generator)
     if name == "xbm":

@@ -427,7 +427,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, bool]:
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help=f"default {list(defaults.seeds)}")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {defaults.epochs} (data set dependent)")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"samples per batch, default {defaults.batch_size}")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"samples per batch, default {defaults.batch_size}"
+    )
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate, default {defaults.lr}")
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--width", type=int, default=None, help="encoder width")
@@ -457,7 +459,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, bool]:
     for name in ("protocols", "methods", "seeds"):
         if getattr(args, name) is not None:
             values[name] = tuple(getattr(args, name))
-    method = {f.name: getattr(args, f.name) for f in dataclasses.fields(MethodSettings) if getattr(args, f.name) is not None}
+    fields = dataclasses.fields(MethodSettings)
+    method = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
     settings = Settings(**values, method=MethodSettings(**method))
     out = Path(args.out) if args.out else Path("results/quality") / (args.dataset + ("-quick" if args.quick else ""))
     return settings, out, not args.no_progress

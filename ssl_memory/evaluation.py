@@ -31,7 +31,9 @@ def _embeddings(name: str, x: torch.Tensor | MemoryBank) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or a MemoryBank, got {type(x).__name__}")
     if not x.is_floating_point() or x.dim() != 2:
-        raise ValueError(f"{name} must be a floating-point (N, D) tensor, got dtype {x.dtype} and shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be a floating-point (N, D) tensor, got dtype {x.dtype} and shape {tuple(x.shape)}"
+        )
     return x
 
 

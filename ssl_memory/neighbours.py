@@ -50,6 +50,12 @@ def _import_faiss():
     return faiss
 
 
+def _numpy_search(index):
+    """The index's own numpy ``search``: importing ``faiss.contrib.torch_utils`` (PML does) swaps in a
+    torch-aware wrapper that drops the ``params=`` argument our group exclusion needs."""
+    return getattr(index, "search_numpy", index.search)
+
+
 class NeighbourSearch(ABC):
     """Base class of the backends: the ``k`` most similar admissible rows of every row.
 
@@ -203,7 +209,7 @@ class _FaissSearch(NeighbourSearch):
                 members = np.flatnonzero(ids_of_group == group).astype(np.int64)
                 inner = faiss.IDSelectorBatch(members)
                 selector = faiss.IDSelectorNot(inner)
-                sims, ids = index.search(data[queries], min(k, n), params=self._params(faiss, index, selector))
+                sims, ids = _numpy_search(index)(data[queries], min(k, n), params=self._params(faiss, index, selector))
                 self._keep(queries, sims, ids, ids_of_group, k, out_sims, out_ids)
         device = x.device
         return torch.from_numpy(out_sims).to(device), torch.from_numpy(out_ids).to(device)

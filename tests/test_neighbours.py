@@ -180,3 +180,20 @@ def test_missing_faiss_raises_an_import_error_naming_the_extra(monkeypatch, back
 def test_bad_input_raises_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_faiss_group_exclusion_survives_faiss_torch_contrib():
+    # PML imports faiss.contrib.torch_utils, which wraps Index.search and drops its params= argument
+    pytest.importorskip("faiss")
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    from ssl_memory.neighbours import _SMALL_GROUP, nearest_neighbours
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(3 * _SMALL_GROUP, 8, generator=gen), dim=1)
+    groups = torch.arange(features.shape[0])
+    groups[: 2 * _SMALL_GROUP] = 0  # one large group: the per-group exclusion path
+    sims, ids = nearest_neighbours(features, k=1, groups=groups, backend="faiss-flat")
+    expected, _ = nearest_neighbours(features, k=1, groups=groups, backend="torch")
+    assert (groups[ids[:, 0]] != groups).all()
+    torch.testing.assert_close(sims, expected)
