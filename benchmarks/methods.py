@@ -9,12 +9,14 @@ method         views  loss
 ============== ====== ==================================================================================
 npid           1      ``MemoryBankLoss`` (NPID: full softmax over a momentum memory bank)
 npid-4v        V      the same with V views of each sample in the batch (Bulat et al.'s first change)
-npid-4v-cons   V      + ``consistency_weight`` (second change)
+npid-4v-cons   V      + ``consistency_weight``, on after ``consistency_warmup`` epochs (second change)
 full           V      + ``NeighbourMerger`` (third change: merged mutual nearest neighbours; the full method)
 moco           2      ``QueueLoss`` with a momentum key encoder (MoCo v2, shuffled BN emulated)
 mochi          2      the same with a ``HardNegativeMixer`` switched on after a warm-up (MoCHi)
 xbm            2      ``CrossBatchLoss`` with dataset indices as labels (views of a sample are positives)
 ============== ====== ==================================================================================
+
+V is ``MethodSettings.views`` (4).
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ class MethodSettings:
     bank_momentum: float = 0.0
     consistency: float = 0.3
     consistency_warmup: int = 1
-    merge_warmup: int = 2
-    merge_interval: int = 1
-    merge_initial_share: float = 0.1
-    merge_share_growth: float = 0.1
-    merge_max_share: float = 0.5
+    merge_warmup: int = 10
+    merge_interval: int = 4
+    merge_initial_share: float = 0.05
+    merge_share_growth: float = 0.05
+    merge_max_share: float = 0.25
     merge_min_similarity: float = 0.5
     queue_size: int = 4096
     moco_temperature: float = 0.2
@@ -53,7 +55,7 @@ class MethodSettings:
     mochi_hard: int = 256
     mochi_mix: int = 256
     mochi_query_mix: int = 128
-    mochi_warmup: int = 2
+    mochi_warmup: int = 5
     xbm_size: int = 4096
     xbm_margin: float = 0.5
     xbm_warmup: int = 1
