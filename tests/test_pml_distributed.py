@@ -175,3 +175,15 @@ def test_efficient_refuses_pmls_own_class_and_says_why():
     DistributedLossWrapper(CrossBatchMemory(losses.NTXentLoss(), DIM), efficient=True)
     with pytest.raises(TypeError, match="must extend BaseMetricLossFunction or CrossBatchMemory"):
         DistributedLossWrapper(torch.nn.MSELoss())
+
+
+def test_outside_a_process_group_the_wrapper_returns_the_memorys_loss():
+    """PML's wrapper hands a CrossBatchMemory ref_emb and ref_labels there, a TypeError."""
+    gen = torch.Generator().manual_seed(0)
+    wrapped = DistributedLossWrapper(CrossBatchMemory(make_loss("ntxent"), DIM, MEMORY))
+    alone = CrossBatchMemory(make_loss("ntxent"), DIM, MEMORY)
+    for _ in range(3):
+        embeddings, labels = torch.randn(6, DIM, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+        mask = torch.arange(6) % 2 == 0
+        torch.testing.assert_close(wrapped(embeddings, labels, enqueue_mask=mask), alone(embeddings, labels, enqueue_mask=mask))
+    assert torch.equal(wrapped.loss.embedding_memory, alone.embedding_memory)

@@ -361,7 +361,9 @@ def _triplet(loss, batch, embeddings, labels):
         rank = torch.searchsorted(table[anchors], thresholds.detach()[:, None], right=True).squeeze(1)
         per_threshold = above[anchors, rank]
         num_violating = int(per_threshold.sum())
-    total = (violated.to(score.dtype) * score).sum() - (per_threshold.to(score.dtype) * thresholds).sum()
+    # both sums are ~20 times the difference: accumulate them in float64
+    total = (violated.to(score.dtype) * score).sum(dtype=torch.float64)
+    total = (total - (per_threshold.to(score.dtype) * thresholds).sum(dtype=torch.float64)).to(score.dtype)
     reducer = type(loss.reducer)
     if reducer is SumReducer:
         return total

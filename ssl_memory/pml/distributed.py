@@ -83,6 +83,7 @@ class DistributedLossWrapper(pml_distributed.DistributedLossWrapper):
     Same arguments and results as PML's for every loss it accepts; what differs concerns a
     ``CrossBatchMemory``:
 
+    - Outside a process group it returns the memory's own loss (PML's raises a TypeError).
     - Rows are gathered in rank order (any number of rows per rank), so every rank enqueues the same
       rows in the same order and holds the same memory (PML #639).
     - ``efficient=True`` works with :class:`~ssl_memory.pml.CrossBatchMemory` (PML #448): every
@@ -116,6 +117,12 @@ class DistributedLossWrapper(pml_distributed.DistributedLossWrapper):
             )
         self.loss = loss
         self.efficient = efficient
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
+        if isinstance(self.loss, PMLCrossBatchMemory) and _world()[0] <= 1:
+            # PML's forward hands a CrossBatchMemory ref_emb and ref_labels here, a TypeError
+            return self.forward_cross_batch(embeddings, labels, indices_tuple, ref_emb, ref_labels, 1, enqueue_mask)
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask)
 
     def forward_cross_batch(self, emb, labels, indices_tuple, ref_emb, ref_labels, world_size, enqueue_mask):
         if ref_emb is not None or ref_labels is not None:
