@@ -467,3 +467,14 @@ def test_bad_sizes_are_named(kwargs):
 def test_unsupported_loss_is_rejected_like_pml():
     with pytest.raises(Exception, match="CrossBatchMemory not supported for ArcFaceLoss"):
         CrossBatchMemory(losses.ArcFaceLoss(10, DIM), DIM)
+
+
+@pytest.mark.parametrize("name", ["ntxent", "contrastive_xbm", "multi_similarity", "triplet"])
+def test_autocast_keeps_the_dense_products_in_float32(name):
+    """Under CPU autocast (bfloat16) the dense path computes as without it; the loss keeps the embeddings' dtype."""
+    ours, plain = CrossBatchMemory(DENSE[name](), DIM, MEMORY), CrossBatchMemory(DENSE[name](), DIM, MEMORY)
+    for embeddings, labels, _ in batches(6, dtype=torch.float32, seed=16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ours(embeddings, labels)
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, plain(embeddings, labels))

@@ -184,16 +184,14 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
 
         ``own[i]``, when given, is the position in ``keys`` of query ``i``'s own row, whose pair is dropped.
         """
-        if not bool(torch.isfinite(keys.detach()).all()):
-            raise ValueError("embeddings contain NaN or infinite values; the memory was left unchanged")
-        warming_up = self.step < self.start_step
-        self.step += 1
-        if warming_up:
+        if self.step < self.start_step:
+            self.step += 1
             if own is not None and keys is queries:  # the batch against itself: PML's plain loss
                 return self.loss(queries, query_labels, self._mined_with(queries, query_labels, indices_tuple))
             pairs = self._pairs(queries, query_labels, keys, key_labels, indices_tuple, own)
             return self._loss(queries, query_labels, pairs, keys, key_labels)
-        self._enqueue(keys, key_labels)
+        self._enqueue(keys, key_labels)  # raises before writing anything if a row is not finite
+        self.step += 1
         memory, memory_labels = self._contents()
         self_slots = None if own is None else self.curr_batch_idx[own]
         if self.miner is None and indices_tuple is None and dense.supports(self.loss):

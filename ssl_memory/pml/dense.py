@@ -205,8 +205,8 @@ def memory_loss(
 
     ``self_slots[i]``, when given, is the memory row holding row ``i`` of ``embeddings`` itself, which
     PML's CrossBatchMemory drops from the positives. Computed in float32 (or wider) whatever the
-    inputs' dtype; the loss is returned in the embeddings' dtype, as PML's. Call only when
-    :func:`supports` is true.
+    inputs' dtype, autocast included; the loss is returned in the embeddings' dtype, as PML's. Call
+    only when :func:`supports` is true.
 
     Args:
         loss: a loss that :func:`supports` accepts.
@@ -221,7 +221,6 @@ def memory_loss(
         - output: scalar
     """
     loss.reset_stats()
-    batch = _Batch(loss, embeddings, labels, memory, memory_labels, self_slots)
     compute = {
         NTXentLoss: _ntxent,
         SupConLoss: _supcon,
@@ -229,7 +228,9 @@ def memory_loss(
         MultiSimilarityLoss: _multi_similarity,
         TripletMarginLoss: _triplet,
     }[type(loss)]
-    return compute(loss, batch, embeddings, labels).to(embeddings.dtype)
+    with torch.autocast(embeddings.device.type, enabled=False):  # the (B, M) products stay in float32
+        batch = _Batch(loss, embeddings, labels, memory, memory_labels, self_slots)
+        return compute(loss, batch, embeddings, labels).to(embeddings.dtype)
 
 
 def _nothing_to_compare(batch: _Batch) -> bool:
