@@ -13,6 +13,93 @@ from ..queue import Queue
 
 # positives this similar are the anchor itself (or an exact duplicate) and are skipped, as in research-xbm
 _SELF_SIMILARITY = 1 - 1e-5
+# candidates are taken this far below a threshold, so that rounding in the (B, R) product never drops a pair
+# whose own dot product exceeds it (float32 dot products of unit vectors err by ~D * 6e-8)
+_SLACK = 1e-4
+
+
+def equal_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``(i, j)`` with ``labels[i] == ref_labels[j]``, in row-major order, without a (B, R) mask.
+
+    Sorting the reference labels once makes this O(R log R + pairs) instead of a (B, R) comparison
+    and a ``nonzero`` over it, which cost more than a whole loss at R = 65,536.
+
+    Shape:
+        - labels: (B,); ref_labels: (R,)
+        - output: two (P,) long tensors
+    """
+    ordered, order = torch.sort(ref_labels, stable=True)
+    labels = labels.to(ordered.dtype)
+    low = torch.searchsorted(ordered, labels)
+    counts = torch.searchsorted(ordered, labels, right=True) - low
+    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    cols = order[low[rows] + torch.arange(rows.numel(), device=labels.device) - starts[rows]]
+    return rows, cols
+
+
+def pairs_above(
+    similarity: torch.Tensor, threshold: float, excluded: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of ``similarity`` above ``threshold`` (less a rounding slack), except the ``excluded`` pairs.
+
+    In metric learning few pairs of different labels are similar enough to violate a margin, so a
+    hinge loss over a (B, R) similarity needs only these candidates; the caller recomputes their
+    exact values (:func:`pair_similarities`) and applies its own strict test.
+    """
+    candidates = similarity > threshold - _SLACK
+    if excluded[0].numel():
+        candidates.index_put_(excluded, candidates.new_zeros(()))
+    return candidates.nonzero(as_tuple=True)
+
+
+def pair_similarities(
+    query: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    r"""``query[rows] . reference[cols]`` for a list of pairs, differentiable.
+
+    Few pairs (at most :math:`BR / D`) are computed row by row in O(pairs x D); more are read from
+    the (B, R) product, whose backward is then one (B, R) @ (R, D) product. The product keeps a
+    private copy of a ``reference`` that needs no gradient, so a memory written in place after this
+    call does not disturb the backward.
+
+    Shape:
+        - query: (B, D); reference: (R, D); rows, cols: (P,)
+        - output: (P,)
+    """
+    if rows.numel() * query.shape[1] <= query.shape[0] * reference.shape[0]:
+        return torch.linalg.vecdot(query[rows], reference[cols])
+    if not reference.requires_grad:
+        reference = reference.clone()
+    return (query @ reference.T)[rows, cols]
+
+
+def xbm_contrastive(
+    query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor, margin: float
+) -> torch.Tensor:
+    r"""research-xbm's contrastive loss of each query against a reference set, summed over the references.
+
+    .. math::
+        \ell_b = \sum_{j:\, y_j = y_b,\ s_{bj} < 1 - 10^{-5}} (1 - s_{bj})
+               + \sum_{j:\, y_j \ne y_b,\ s_{bj} > \text{margin}} s_{bj}
+
+    on the dot products :math:`s` of unit rows. Only the pairs that count are ever listed (equal
+    labels, and the negatives above the margin), so a large reference set costs one (B, R) product
+    without gradient and a comparison.
+
+    Shape:
+        - query: (B, D) unit rows; labels: (B,); reference: (R, D) unit rows; ref_labels: (R,)
+        - output: (B,)
+    """
+    with torch.no_grad():
+        similarity = query @ reference.T
+    pos_rows, pos_cols = equal_label_pairs(labels, ref_labels)
+    neg_rows, neg_cols = pairs_above(similarity, margin, (pos_rows, pos_cols))
+    positive = pair_similarities(query, reference, pos_rows, pos_cols)
+    negative = pair_similarities(query, reference, neg_rows, neg_cols)
+    per_anchor = query.new_zeros(query.shape[0])
+    per_anchor = per_anchor.index_add(0, pos_rows, torch.where(positive < _SELF_SIMILARITY, 1 - positive, 0))
+    return per_anchor.index_add(0, neg_rows, torch.where(negative > margin, negative, 0))
 
 
 class CrossBatchLoss(nn.Module):
@@ -94,10 +181,10 @@ class CrossBatchLoss(nn.Module):
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
 
         unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-        batch = self._pair_loss(unit @ unit.T, labels.unsqueeze(1) == labels.unsqueeze(0))
+        batch = xbm_contrastive(unit, labels, unit, labels, self.margin)
         memory_on = int(self.step) >= self.start_step
         if memory_on and len(queue) > 0:
-            memory = self._memory_loss(unit, labels)
+            memory = xbm_contrastive(unit, labels, queue.features.to(unit.dtype), queue.labels, self.margin)
         else:
             memory = torch.zeros_like(batch)
         if update_memory:
@@ -105,31 +192,6 @@ class CrossBatchLoss(nn.Module):
                 queue.enqueue(unit.detach(), labels)
             self.step += 1
         return {"batch": batch, "memory": memory}
-
-    def _pair_loss(self, similarity: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-        """research-xbm's contrastive loss of each anchor (row), summed over its references."""
-        cost = torch.where(same, 1 - similarity, similarity)
-        counted = torch.where(same, similarity < _SELF_SIMILARITY, similarity > self.margin)
-        return (cost * counted).sum(1)
-
-    def _memory_loss(self, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """:meth:`_pair_loss` against the memory, written so autograd keeps no (B, M) tensor.
-
-        Each counted pair adds ``1 - s`` or ``s``, so an anchor's loss is ``#positives + sum_m c_m s_m``
-        with ``c_m`` = -1 (counted positive), +1 (counted negative) or 0: linear in the anchor once
-        ``c`` is known, ``u . (c @ memory) + #positives``. ``c`` and ``c @ memory`` are computed without
-        gradient from the memory before this step's write, which also makes the later write safe.
-        """
-        with torch.no_grad():
-            memory = self.queue.features.to(unit.dtype)
-            similarity = unit @ memory.T
-            same = labels.unsqueeze(1) == self.queue.labels.unsqueeze(0)
-            positive = same & (similarity < _SELF_SIMILARITY)
-            negative = ~same & (similarity > self.margin)
-            weights = negative.to(unit.dtype) - positive.to(unit.dtype)
-            direction = weights @ memory
-            positives = positive.sum(1).to(unit.dtype)
-        return torch.linalg.vecdot(unit, direction, dim=1) + positives
 
     def extra_repr(self) -> str:
         return (
