@@ -2,7 +2,7 @@
 
 import torch
 
-from ssl_memory import MemoryBankLoss, QueueLoss
+from ssl_memory import CrossBatchLoss, MemoryBankLoss, QueueLoss
 
 
 class CountingMerger:
@@ -69,3 +69,18 @@ def test_queue_loss_accumulated_equals_one_large_batch():
         torch.testing.assert_close(query.grad, expected)
         for name, value in large.state_dict().items():
             torch.testing.assert_close(small.state_dict()[name], value)
+
+
+def test_cross_batch_loss_update_memory_writes_what_one_large_batch_writes():
+    """XBM's batch term pairs rows of one call, so only its memory and step count are shared with a large batch."""
+    large, small = CrossBatchLoss(size=12, dim=5, start_step=1), CrossBatchLoss(size=12, dim=5, start_step=1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        embeddings, labels = torch.randn(8, 5, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        large(embeddings, labels)
+        for chunk, chunk_labels in zip(embeddings.split(4), labels.split(4)):
+            small(chunk, chunk_labels, update_memory=False)
+        small.update_memory(embeddings, labels)
+        for name, value in large.state_dict().items():
+            torch.testing.assert_close(small.state_dict()[name], value)
+    assert int(small.step) == 4 and len(small.queue) == 12

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssl_memory import ConsistencyLoss, HardNegativeMixer, MemoryBankLoss, QueueLoss
+from ssl_memory import ConsistencyLoss, CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, QueueLoss
 
 
 def memory_bank(inputs):
@@ -20,7 +20,13 @@ def consistency(inputs):
     return ConsistencyLoss(0.5)(inputs, torch.arange(6) % 3)  # rows as logits over 8 entries
 
 
-LOSSES = [memory_bank, queue, consistency]
+def cross_batch(inputs):
+    criterion = CrossBatchLoss(size=16, dim=8, margin=0.1)
+    criterion(inputs, torch.arange(6) % 2)
+    return criterion(inputs, torch.arange(6) % 3)  # the memory term is on from the second step
+
+
+LOSSES = [memory_bank, queue, consistency, cross_batch]
 
 
 @pytest.mark.parametrize("loss_of", LOSSES)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssl_memory import HardNegativeMixer, MemoryBankLoss, QueueLoss
+from ssl_memory import CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, QueueLoss
 
 
 def train(backend, steps=4):
@@ -13,7 +13,8 @@ def train(backend, steps=4):
     bank_loss.memory.groups[[4, 9, 11]] = 4  # a merged group
     mixer = HardNegativeMixer(4, 4, 2, generator=torch.Generator().manual_seed(2))
     queue_loss = QueueLoss(size=14, dim=8, mixer=mixer)  # 14: batches wrap around the ring
-    losses = (bank_loss, queue_loss)
+    cross_batch_loss = CrossBatchLoss(size=16, dim=8, margin=0.2, start_step=1)
+    losses = (bank_loss, queue_loss, cross_batch_loss)
     if backend is not None:
         losses = tuple(torch.compile(loss, backend=backend) for loss in losses)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -24,11 +25,13 @@ def train(backend, steps=4):
         indices = torch.randint(0, 30, (6,), generator=gen).repeat(2)
         embeddings = model(x)
         loss = losses[0](embeddings, indices) + losses[1](embeddings[:6], embeddings[6:].detach(), indices[:6])
+        loss = loss + losses[2](embeddings, indices % 4)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         values.append(loss.detach())
-    return torch.stack(values), [*model.parameters()], bank_loss.state_dict(), queue_loss.state_dict()
+    states = (bank_loss.state_dict(), queue_loss.state_dict(), cross_batch_loss.state_dict())
+    return torch.stack(values), [*model.parameters()], *states
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from distributed_helpers import run_distributed
 
-from ssl_memory import MemoryBank, MemoryBankLoss, Queue, QueueLoss
+from ssl_memory import CrossBatchLoss, MemoryBank, MemoryBankLoss, Queue, QueueLoss
 from ssl_memory.distributed import DistributedInputError
 
 NUM_ENTRIES, DIM, STEPS = 40, 6, 4
@@ -163,6 +163,29 @@ def test_nan_query_on_two_of_three_ranks_enqueues_nothing_anywhere():
         assert unchanged
         # 12 rows (4 a rank) keep their newest 10, a full turn of the ring; then 9 (3 a rank)
         assert int(state["count"]) == 10 and int(state["pointer"]) == 9
+        assert all(torch.equal(v, results[0][2][k]) for k, v in state.items())
+
+
+def cross_batch_errors_worker(rank, world_size):
+    criterion = CrossBatchLoss(size=9, dim=DIM)
+    criterion(torch.randn(4, DIM), torch.arange(4))
+    before = criterion.state_dict()
+    labels = torch.arange(4) if rank == 0 else torch.arange(3)  # too few labels on rank 1
+    try:
+        criterion(torch.randn(4, DIM), labels)
+        error = None
+    except DistributedInputError as caught:
+        error = str(caught)
+    unchanged = all(torch.equal(before[k], v) for k, v in criterion.state_dict().items())
+    criterion(torch.randn(2, DIM), torch.arange(2))
+    return error, unchanged, criterion.state_dict()
+
+
+def test_cross_batch_loss_errors_are_collective():
+    results = run_distributed(cross_batch_errors_worker, 2)
+    for error, unchanged, state in results:
+        assert error is not None and "rank(s) [1]" in error and "labels must have shape (4,)" in error
+        assert unchanged and int(state["step"]) == 2 and int(state["queue.count"]) == 9  # 8 rows, then 4 more: full
         assert all(torch.equal(v, results[0][2][k]) for k, v in state.items())
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssl_memory import ConsistencyLoss, MemoryBank, MemoryBankLoss, NeighbourMerger, Queue, QueueLoss
+from ssl_memory import ConsistencyLoss, CrossBatchLoss, MemoryBank, MemoryBankLoss, NeighbourMerger, Queue, QueueLoss
 
 DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 
@@ -31,6 +31,18 @@ def queue_loss_run(dtype):
     return (*outputs, criterion.queue.slots, criterion.queue.slot_labels)
 
 
+def cross_batch_run(dtype):
+    criterion = CrossBatchLoss(size=10, dim=4, margin=0.0)
+    gen = torch.Generator().manual_seed(0)
+    outputs = []
+    for _ in range(3):
+        embeddings = torch.randn(6, 4, generator=gen, requires_grad=True)
+        loss = criterion(embeddings, torch.tensor([0, 1, 1, 2, 0, 7]).to(dtype))
+        loss.backward()
+        outputs += [loss.detach(), embeddings.grad]
+    return (*outputs, criterion.queue.slots, criterion.queue.slot_labels)
+
+
 def memories_run(dtype):
     bank, queue = MemoryBank(10, 3), Queue(5, 3, labelled=True)
     rows = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
@@ -41,7 +53,7 @@ def memories_run(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("run", [bank_loss_run, queue_loss_run, memories_run])
+@pytest.mark.parametrize("run", [bank_loss_run, queue_loss_run, cross_batch_run, memories_run])
 def test_every_integer_dtype_gives_what_int64_gives(run, dtype):
     for got, expected in zip(run(dtype), run(torch.int64)):
         assert torch.equal(got, expected)

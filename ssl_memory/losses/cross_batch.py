@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_features, check_index_vector, check_non_negative_int, check_non_negative_number
+from .._validation import (
+    check_features,
+    check_index_vector,
+    check_non_negative_int,
+    check_non_negative_number,
+    check_values,
+    first_failure,
+)
 from ..queue import Queue
 
 # positives this similar are the anchor itself (or an exact duplicate) and are skipped, as in research-xbm
@@ -136,8 +143,12 @@ class CrossBatchLoss(nn.Module):
         memory_weight: :math:`w \ge 0`.
         start_step: number of calls (with ``update_memory=True``) before the memory is used and filled.
 
+    Bad input (shapes, NaN, an empty batch) raises before anything is written; under
+    ``torch.distributed`` (after the warm-up, when the batch is enqueued) every rank raises the same
+    :class:`~ssl_memory.distributed.DistributedInputError`. The loss is float32 under autocast.
+
     Shape:
-        - embeddings: (B, D), any scale (normalised inside); labels: (B,) integers
+        - embeddings: (B, D), any scale (normalised inside); labels: (B,) of any integer dtype
         - output: scalar; :meth:`terms` gives ``"batch"`` and ``"memory"``, (B,) each (the memory
           term is zeros before ``start_step``)
 
@@ -166,6 +177,14 @@ class CrossBatchLoss(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
+        """The loss of a batch; then, when ``update_memory``, the step is counted and (after the warm-up) enqueued.
+
+        Args:
+            embeddings: the batch's embeddings (any scale, any floating dtype).
+            labels: their class labels (any integer dtype).
+            update_memory: enqueue the batch and count the step; pass False for the micro-batches of
+                gradient accumulation and call :meth:`update_memory` once per optimiser step.
+        """
         terms = self.terms(embeddings, labels, update_memory=update_memory)
         return (terms["batch"] + self.memory_weight * terms["memory"]).mean()
 
@@ -174,24 +193,52 @@ class CrossBatchLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Per-anchor batch and memory terms; enqueues the batch and counts the step when ``update_memory``."""
         queue = self.queue
-        device = queue.slots.device
-        check_features("embeddings", embeddings, queue.dim, device)
-        check_index_vector("labels", labels, embeddings.shape[0], device)
+        memory_on = int(self.step) >= self.start_step
+        error = first_failure(lambda: self._check(embeddings, labels))
+        if error is not None:
+            if update_memory and memory_on:  # the other ranks learn of it in the gather: every rank raises
+                queue.write(embeddings, labels, gather=True, error=error)
+            raise error
+        labels = labels.long()
+        with torch.autocast(embeddings.device.type, enabled=False):
+            unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+            batch = xbm_contrastive(unit, labels, unit, labels, self.margin)
+            if memory_on and len(queue) > 0:
+                memory = xbm_contrastive(unit, labels, queue.features.to(unit.dtype), queue.labels, self.margin)
+            else:
+                memory = torch.zeros_like(batch)
+        if update_memory:
+            self._write(unit.detach(), labels, memory_on)
+        return {"batch": batch, "memory": memory}
+
+    @torch.no_grad()
+    def update_memory(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count a step and (after the warm-up) enqueue embeddings: what a forward with ``update_memory=True`` does.
+
+        Shape:
+            - embeddings: (B, D); labels: (B,)
+        """
+        memory_on = int(self.step) >= self.start_step
+        error = first_failure(lambda: self._check(embeddings, labels))
+        if error is not None:
+            if memory_on:
+                self.queue.write(embeddings, labels, gather=True, error=error)  # raises, on every rank
+            raise error
+        unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+        self._write(unit, labels.long(), memory_on)
+
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        queue = self.queue
+        check_features("embeddings", embeddings, queue.dim, queue.slots.device)
+        check_index_vector("labels", labels, embeddings.shape[0], queue.slots.device)
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
+        check_values("embeddings", embeddings)
 
-        unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-        batch = xbm_contrastive(unit, labels, unit, labels, self.margin)
-        memory_on = int(self.step) >= self.start_step
-        if memory_on and len(queue) > 0:
-            memory = xbm_contrastive(unit, labels, queue.features.to(unit.dtype), queue.labels, self.margin)
-        else:
-            memory = torch.zeros_like(batch)
-        if update_memory:
-            if memory_on:
-                queue.enqueue(unit.detach(), labels)
-            self.step += 1
-        return {"batch": batch, "memory": memory}
+    def _write(self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool) -> None:
+        if memory_on:
+            self.queue.write(unit, labels, gather=True, error=None)
+        self.step += 1
 
     def extra_repr(self) -> str:
         return (
