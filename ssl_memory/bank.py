@@ -21,9 +21,11 @@ class MemoryBank(Memory):
         \qquad \hat f = f / \lVert f \rVert .
 
     ``momentum`` weights the **old** entry, as in NPID (``m = 0.5``); ``m = 0`` replaces it.
-    All state is in buffers: ``features`` (unit rows, random on the sphere at start) and
+    All state is in buffers: ``features`` (unit rows, random on the sphere at start),
     ``groups`` (the merged-instance id of each entry, ``arange`` until a
-    :class:`~ssl_memory.NeighbourMerger` writes it), so ``state_dict()`` resumes exactly.
+    :class:`~ssl_memory.NeighbourMerger` writes it) and ``samples_written`` (entries updated so far,
+    the views of a sample in one update counting once: N of them make an epoch), so
+    ``state_dict()`` resumes exactly.
 
     Under ``torch.distributed``, :meth:`update` gathers every rank's rows in rank order before
     writing, and the first update copies rank 0's buffers to every rank.
@@ -50,6 +52,7 @@ class MemoryBank(Memory):
 
     features: torch.Tensor
     groups: torch.Tensor
+    samples_written: torch.Tensor
 
     def __init__(
         self,
@@ -70,6 +73,8 @@ class MemoryBank(Memory):
         initial = F.normalize(torch.randn(num_entries, dim, generator=generator), dim=1)
         self.register_buffer("features", initial.to(device=device, dtype=dtype))
         self.register_buffer("groups", torch.arange(num_entries, device=device))
+        self.register_buffer("samples_written", torch.zeros((), dtype=torch.long, device=device))
+        self._written: tuple[tuple[int, int], int] | None = None  # host copy of samples_written, with its key
 
     @property
     def num_entries(self) -> int:
@@ -81,6 +86,14 @@ class MemoryBank(Memory):
 
     def __len__(self) -> int:
         return self.num_entries
+
+    @property
+    def num_written(self) -> int:
+        """``samples_written`` as an int, from a host copy: no device sync unless the buffer changed elsewhere."""
+        key = (self.samples_written.data_ptr(), self.samples_written._version)
+        if self._written is None or self._written[0] != key:
+            self._written = (key, int(self.samples_written))
+        return self._written[1]
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor, gather: bool = True) -> None:
@@ -105,6 +118,9 @@ class MemoryBank(Memory):
         mean = sums / torch.bincount(inverse, minlength=rows.numel()).unsqueeze(1)
         old = self.features[rows].float()
         self._write_rows_(rows, F.normalize(self.momentum * old + (1 - self.momentum) * mean, dim=1))
+        written = self.num_written + rows.numel()
+        self.samples_written.fill_(written)
+        self._written = ((self.samples_written.data_ptr(), self.samples_written._version), written)
 
     def extra_repr(self) -> str:
         return f"num_entries={self.num_entries}, dim={self.dim}, momentum={self.momentum}, dtype={self.features.dtype}"
