@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
         merger = NeighbourMerger(  # rank 0 computes each round and broadcasts the groups
             warmup=args.merge_warmup,
-            steps_per_epoch=len(loader),
             initial_share=args.merge_share,
             share_growth=args.merge_share,
             max_share=args.merge_max_share,

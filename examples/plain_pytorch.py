@@ -59,11 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build(args: argparse.Namespace, num_train: int, steps_per_epoch: int):
+def build(args: argparse.Namespace, num_train: int):
     model = SignalCNN(dim=args.dim, width=8 if args.smoke else 32)
-    merger = NeighbourMerger(  # called by the loss after every step: its schedule counts steps
+    merger = NeighbourMerger(  # stepped by the loss after every update: it counts epochs from the bank
         warmup=args.merge_warmup,
-        steps_per_epoch=steps_per_epoch,
         initial_share=args.merge_share,
         share_growth=args.merge_share,
         max_share=args.merge_max_share,
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.workers,
         collate_fn=MultiAugCollate(OneSignalAugment(), views=args.views),
     )
-    model, criterion, optimizer = build(args, len(train), len(loader))
+    model, criterion, optimizer = build(args, len(train))
 
     start_epoch, history = 0, []
     if args.resume:
