@@ -177,8 +177,10 @@ def merge_round(
     nearest[owner[head]] = groups[entry[head]]
     link = torch.full((n,), math.nan, dtype=sim.dtype, device=device)
     link[owner[head]] = sim[head]
-    link_distance = torch.full((n,), math.nan, dtype=torch.float32, device=device)
-    link_distance[owner[head]] = distance(features, member[head], entry[head]).float()
+    # Each group's row of its list (-1: none) for the link and for the reference below; distances
+    # are computed for the candidate pairs only, from the rows.
+    link_row = torch.full((n,), -1, dtype=torch.long, device=device)
+    link_row[owner[head]] = torch.nonzero(head).squeeze(1)
 
     # Reference of each group A against its nearest group B: the m-th entry outside A and B,
     # m = max_group_size - |A| - |B| + 1, so that up to max_group_size - |A| - |B| further entries as
@@ -190,15 +192,21 @@ def merge_round(
     rank_outside = counted - (counted - outside.long())[head][segment]
     wanted = max_group_size - sizes[owner] - sizes[partner] + 1
     at_reference = outside & (rank_outside == wanted)
-    reference = torch.full((n,), math.nan, dtype=torch.float32, device=device)
-    reference[owner[at_reference]] = distance(features, member[at_reference], entry[at_reference]).float()
+    reference_row = torch.full((n,), -1, dtype=torch.long, device=device)
+    reference_row[owner[at_reference]] = torch.nonzero(at_reference).squeeze(1)
 
     left = owner[head]
     right = nearest[left]
     mutual = (nearest[right] == left) & (left < right)
     left, right = left[mutual], right[mutual]
     similarity = link[left]
-    d_link, d_left, d_right = link_distance[left], reference[left], reference[right]
+
+    def row_distance(rows: torch.Tensor) -> torch.Tensor:  # nan where a group has no such row
+        found = distance(features, member[rows.clamp(min=0)], entry[rows.clamp(min=0)]).float()
+        return found.masked_fill(rows < 0, math.nan)
+
+    d_link = row_distance(link_row[left])
+    d_left, d_right = row_distance(reference_row[left]), row_distance(reference_row[right])
     # A missing reference (nan: fewer neighbours than needed) fails, as does a zero distance.
     passes = (d_link < ratio * d_left) & (d_link < ratio * d_right) & (similarity >= min_similarity)
     fits = sizes[left] + sizes[right] <= max_group_size
