@@ -106,7 +106,6 @@ class MemoryBankMethod(Method):
             merger = NeighbourMerger(
                 warmup=settings.merge_warmup,
                 interval=settings.merge_interval,
-                steps_per_epoch=steps_per_epoch,
                 initial_share=settings.merge_initial_share,
                 share_growth=settings.merge_share_growth,
                 max_share=settings.merge_max_share,

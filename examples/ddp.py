@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--consistency-weight", type=float, default=1.0)
     parser.add_argument("--merge-warmup", type=int, default=3, help="epochs before the first merge round")
-    parser.add_argument("--merge-share", type=float, default=0.05, help="share of the candidate pairs merged at first")
+    parser.add_argument("--merge-ratio", type=float, default=0.5, help="ratio test of a merge (1 turns it off)")
+    parser.add_argument("--merge-share", type=float, default=0.05, help="share of the passing pairs merged at first")
     parser.add_argument("--merge-max-share", type=float, default=0.25, help="the share grows by --merge-share a round")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--num-samples", type=int, default=10_000, help="MNIST-1D samples (80%% train)")
@@ -64,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.num_samples, args.batch_size, args.dim, args.knn_k = 500, 16, 16, 20
-        args.epochs, args.merge_warmup = min(args.epochs, 2), 1
+        # a 2-epoch network has no near-duplicates yet: drop the ratio test so that merging is exercised
+        args.epochs, args.merge_warmup, args.merge_ratio = min(args.epochs, 2), 1, 1.0
     return args
 
 
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     merger = NeighbourMerger(  # rank 0 computes each round and broadcasts the groups
         warmup=args.merge_warmup,
-        steps_per_epoch=len(loader),
+        ratio=args.merge_ratio,
         initial_share=args.merge_share,
         share_growth=args.merge_share,
         max_share=args.merge_max_share,

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.5, help="bank momentum (weight of the old entry)")
     parser.add_argument("--consistency-weight", type=float, default=1.0)
     parser.add_argument("--merge-warmup", type=int, default=10, help="epochs before the first merge round")
-    parser.add_argument("--merge-share", type=float, default=0.05, help="share of the candidate pairs merged at first")
+    parser.add_argument("--merge-ratio", type=float, default=0.5, help="ratio test of a merge (1 turns it off)")
+    parser.add_argument("--merge-share", type=float, default=0.05, help="share of the passing pairs merged at first")
     parser.add_argument("--merge-max-share", type=float, default=0.25, help="the share grows by --merge-share a round")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--num-samples", type=int, default=10_000, help="MNIST-1D samples (80%% train)")
@@ -55,15 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.num_samples, args.batch_size, args.dim, args.knn_k = 500, 32, 16, 20
         args.epochs = min(args.epochs, 2)
-        args.merge_warmup = 1
+        # a 2-epoch network has no near-duplicates yet: drop the ratio test so that merging is exercised
+        args.merge_warmup, args.merge_ratio = 1, 1.0
     return args
 
 
-def build(args: argparse.Namespace, num_train: int, steps_per_epoch: int):
+def build(args: argparse.Namespace, num_train: int):
     model = SignalCNN(dim=args.dim, width=8 if args.smoke else 32)
-    merger = NeighbourMerger(  # called by the loss after every step: its schedule counts steps
+    merger = NeighbourMerger(  # stepped by the loss after every update: it counts epochs from the bank
         warmup=args.merge_warmup,
-        steps_per_epoch=steps_per_epoch,
+        ratio=args.merge_ratio,
         initial_share=args.merge_share,
         share_growth=args.merge_share,
         max_share=args.merge_max_share,
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.workers,
         collate_fn=MultiAugCollate(OneSignalAugment(), views=args.views),
     )
-    model, criterion, optimizer = build(args, len(train), len(loader))
+    model, criterion, optimizer = build(args, len(train))
 
     start_epoch, history = 0, []
     if args.resume:

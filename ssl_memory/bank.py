@@ -30,11 +30,12 @@ class MemoryBank(Memory):
         \qquad \hat f = f / \lVert f \rVert .
 
     ``momentum`` weights the **old** entry, as in NPID (``m = 0.5``); ``m = 0`` replaces it.
-    All state is in buffers: ``features`` (unit rows, random on the sphere at start) and
+    All state is in buffers: ``features`` (unit rows, random on the sphere at start),
     ``groups`` (the merged-instance id of each entry, ``arange`` until a
-    :class:`~ssl_memory.NeighbourMerger` writes it), so ``state_dict()`` resumes exactly, and
-    ``load_state_dict`` refuses a state of the wrong shape, with non-finite rows or group ids out of
-    range, leaving the bank as it was.
+    :class:`~ssl_memory.NeighbourMerger` writes it) and ``samples_written`` (entries updated so far,
+    the views of a sample in one update counting once: N of them make an epoch), so
+    ``state_dict()`` resumes exactly, and ``load_state_dict`` refuses a state of the wrong shape,
+    with non-finite rows or group ids out of range, leaving the bank as it was.
 
     Under ``torch.distributed``, :meth:`update` gathers every rank's rows in rank order before
     writing, so every rank holds the same bank; the initial entries come from a generator seeded
@@ -63,6 +64,7 @@ class MemoryBank(Memory):
 
     features: torch.Tensor
     groups: torch.Tensor
+    samples_written: torch.Tensor
 
     def __init__(
         self,
@@ -85,6 +87,8 @@ class MemoryBank(Memory):
         initial = F.normalize(torch.randn(num_entries, dim, generator=generator), dim=1)
         self.register_buffer("features", initial.to(device=device, dtype=dtype))
         self.register_buffer("groups", torch.arange(num_entries, device=device))
+        self.register_buffer("samples_written", torch.zeros((), dtype=torch.long, device=device))
+        self._written: tuple[tuple[int, int], int] | None = None  # host copy of samples_written, with its key
 
     @property
     def num_entries(self) -> int:
@@ -96,6 +100,14 @@ class MemoryBank(Memory):
 
     def __len__(self) -> int:
         return self.num_entries
+
+    @property
+    def num_written(self) -> int:
+        """``samples_written`` as an int, from a host copy: no device sync unless the buffer changed elsewhere."""
+        key = (self.samples_written.data_ptr(), self.samples_written._version)
+        if self._written is None or self._written[0] != key:
+            self._written = (key, int(self.samples_written))
+        return self._written[1]
 
     def readable(self) -> torch.Tensor:
         """Every entry: (N, D)."""
@@ -135,16 +147,25 @@ class MemoryBank(Memory):
         old = self.features[rows].float()
         new = F.normalize(self.momentum * old + (1 - self.momentum) * mean, dim=1)
         self.features.index_copy_(0, rows, new.to(self.features.dtype))
+        written = self.num_written + rows.numel()
+        self.samples_written.add_(rows.numel())
+        self._written = ((self.samples_written.data_ptr(), self.samples_written._version), written)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         features = loaded_tensor(state_dict, prefix, "features", (self.num_entries, self.dim), floating=True)
         groups = loaded_tensor(state_dict, prefix, "groups", (self.num_entries,), floating=False)
+        written = loaded_tensor(state_dict, prefix, "samples_written", (), floating=False)
         if features is not None:
             check_loaded(prefix + "features", bool(torch.isfinite(features).all()), "holds NaN or infinite values")
         if groups is not None and groups.numel():
             low, high = (int(v) for v in torch.aminmax(groups))
-            check_loaded(prefix + "groups", low >= 0 and high < self.num_entries,
-                         f"must hold entry ids in [0, {self.num_entries}), got values in [{low}, {high}]")
+            check_loaded(
+                prefix + "groups",
+                low >= 0 and high < self.num_entries,
+                f"must hold entry ids in [0, {self.num_entries}), got values in [{low}, {high}]",
+            )
+        if written is not None:
+            check_loaded(prefix + "samples_written", int(written) >= 0, f"must be non-negative, got {int(written)}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

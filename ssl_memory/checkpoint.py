@@ -4,8 +4,8 @@ What to save for an exact resume (see ``examples/plain_pytorch.py``):
 
 - ``model.state_dict()`` (weights and BatchNorm statistics);
 - **the loss modules'** ``state_dict()``: they hold the memories as buffers (a MemoryBank's
-  ``features`` and merge ``groups``, a Queue's ``slots``, ``pointer`` and ``count``) and the
-  NeighbourMerger's step counter, so no memory needs saving on its own;
+  ``features``, merge ``groups`` and ``samples_written``, a Queue's ``slots``, ``pointer`` and
+  ``count``) and the NeighbourMerger's schedule and history, so no memory needs saving on its own;
 - ``optimizer.state_dict()`` and any learning-rate scheduler's;
 - the epoch (and step) counter;
 - the random states: :func:`capture_rng_state` (python ``random``, numpy, torch CPU and CUDA, and any

@@ -19,7 +19,7 @@ def test_initial_state_is_unit_rows_and_identity_groups():
     bank = MemoryBank(100, 16, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(bank.features.norm(dim=1), torch.ones(100))
     assert torch.equal(bank.groups, torch.arange(100))
-    assert set(bank.state_dict()) == {"features", "groups"}
+    assert set(bank.state_dict()) == {"features", "groups", "samples_written"}
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])

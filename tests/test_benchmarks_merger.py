@@ -20,7 +20,7 @@ def test_quick_run_writes_results_and_prints_a_table(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())["results"]
     cases = [r["case"] for r in results]
-    assert cases[:3] == ["bare matmul + topk(2)", "TorchSearch, self excluded", "TorchSearch, 10% in merged groups excluded"]
+    assert cases[:3] == ["bare matmul + topk(5)", "TorchSearch, self excluded", "TorchSearch, 10% in merged groups excluded"]
     # the exact search finds the same nearest neighbour as the bare product's second column
     assert results[1]["agreement_with_floor"] == 1.0
     approx = next(r for r in results if r["part"] == "approx")

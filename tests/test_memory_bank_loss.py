@@ -199,7 +199,7 @@ def test_merger_steps_once_per_update_after_the_bank_update():
 def test_builds_its_own_bank_and_state_dict_resumes():
     criterion = MemoryBankLoss(num_samples=20, dim=4, momentum=0.9)
     assert isinstance(criterion.memory, MemoryBank) and criterion.memory.momentum == 0.9
-    assert set(criterion.state_dict()) == {"memory.features", "memory.groups"}
+    assert set(criterion.state_dict()) == {"memory.features", "memory.groups", "memory.samples_written"}
     criterion(torch.randn(3, 4), torch.tensor([0, 1, 2]))
     other = MemoryBankLoss(num_samples=20, dim=4, momentum=0.9)
     other.load_state_dict(criterion.state_dict())

@@ -48,8 +48,8 @@ class MemoryBankLoss(nn.Module):
         consistency_mode: ``"pairwise"`` or ``"mean"``, see :class:`~ssl_memory.ConsistencyLoss`.
         merger: an object with ``step(memory)`` (a :class:`~ssl_memory.NeighbourMerger`), called once
             after every memory update; it may rewrite ``memory.groups``, which this loss only reads.
-            Its schedule counts these calls: build it with ``steps_per_epoch=len(loader)`` to
-            schedule merge rounds in epochs.
+            A ``NeighbourMerger`` counts epochs from the samples written to the bank, so its
+            ``warmup`` and ``interval`` are in epochs with no further setting.
         memory: an existing :class:`~ssl_memory.MemoryBank` to use instead of building one.
 
     Shape:
@@ -76,8 +76,8 @@ class MemoryBankLoss(nn.Module):
 
     After each call, :attr:`last` holds detached 0-d tensors for logging (no device sync):
     ``"discrimination"`` (mean over rows), ``"consistency"``, ``"positive_prob"`` (the mean over rows
-    of the probability of the row's group) and ``"merge"`` (the report the merger returned at this
-    call, or None).
+    of the probability of the row's group) and ``"merge"`` (the :class:`~ssl_memory.MergeReport` of a
+    round the merger ran at this call, else None; every round's report stays in ``merger.history``).
 
     Example::
 

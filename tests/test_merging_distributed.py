@@ -1,0 +1,112 @@
+"""NeighbourMerger under torch.distributed (gloo, several CPU processes, each run under a time limit)."""
+
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_helpers import _free_port, _worker
+
+from ssl_memory import MemoryBank, NeighbourMerger
+from ssl_memory.distributed import rank
+from ssl_memory.neighbours import TorchSearch
+
+TIME_LIMIT = 90  # seconds for a whole multi-process test; a rank left waiting in a collective fails it
+
+
+def run_within(fn, world_size, *args, seconds=TIME_LIMIT):
+    """``run_distributed`` with a deadline: the processes are killed and the test fails when it passes."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.spawn(_worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size, join=False)
+        deadline = time.monotonic() + seconds
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{fn.__name__} on {world_size} ranks did not finish within {seconds} s")
+        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def timeless(history):
+    return [{k: (None if v != v else v) for k, v in vars(r).items() if k != "seconds"} for r in history]
+
+
+def low_dim_merger(**kwargs):
+    """A merger that merges plenty on small random banks (the ratio test passes often in 3 dimensions)."""
+    return NeighbourMerger(ratio=1.0, min_similarity=-1.0, initial_share=0.5, max_share=0.5, backend="torch", **kwargs)
+
+
+def agreement_worker(rank_, world_size):
+    torch.manual_seed(rank_)  # every rank starts from its own bank: rank 0's round must win everywhere
+    bank = MemoryBank(60, 3)
+    features = bank.features.clone()
+    merger = low_dim_merger(warmup=0, max_merged_share=1.0)
+    reports = []
+    for step in range(2 * 6):  # each rank writes 5 of its own samples a step: 10 written a step, 60 an epoch
+        gen = torch.Generator().manual_seed(100 * rank_ + step)
+        bank.update(torch.arange(5) + 5 * (2 * step + rank_) % 60, torch.randn(5, 3, generator=gen))
+        report = merger.step(bank)
+        reports.append(None if report is None else timeless([report])[0])
+    state = (bank.features.clone(), bank.groups.clone(), bank.num_written, reports, timeless(merger.history))
+    if rank_ > 0:  # a bank that drifted apart (written behind the API's back): rank 0's groups still win
+        bank.features.copy_(torch.nn.functional.normalize(torch.randn(60, 3), dim=1))
+    merger(bank)
+    return features, *state, bank.groups.clone()
+
+
+def test_every_rank_counts_every_write_and_holds_rank_zeros_groups():
+    (features, bank, groups, written, reports, history, drifted), other = run_within(agreement_worker, 2)
+    assert torch.equal(bank, other[1]) and torch.equal(groups, other[2])
+    assert torch.equal(drifted, other[6]) and not torch.equal(drifted, groups)
+    assert written == other[3] == 120  # both ranks' samples, on both ranks
+    assert reports == other[4] and history == other[5]
+    assert [i for i, r in enumerate(reports) if r is not None] == [5, 11]  # the ends of epochs 1 and 2
+    # rank 0's round, recomputed in this process on rank 0's bank as it stood at the first round
+    reference = MemoryBank(60, 3)
+    reference.features.copy_(features)
+    for step in range(6):
+        for r in range(2):
+            gen = torch.Generator().manual_seed(100 * r + step)
+            reference.update(torch.arange(5) + 5 * (2 * step + r) % 60, torch.randn(5, 3, generator=gen))
+    expected = timeless([low_dim_merger(max_merged_share=1.0)(reference)])[0]
+    assert history[0] == {**expected, "epoch": 1.0} and expected["pairs_merged"] > 0
+
+
+class FailsOnRankZero(TorchSearch):
+    """A search that fails on rank 0 only, as an out-of-memory error or a faiss error would."""
+
+    def _search(self, x, k, groups):
+        if rank() == 0:
+            raise MemoryError("injected: no memory left for the search")
+        return super()._search(x, k, groups)
+
+
+def failure_worker(rank_, world_size):
+    torch.manual_seed(0)
+    bank = MemoryBank(40, 3)
+    merger = low_dim_merger(max_merged_share=0.5)
+    merger.backend = FailsOnRankZero()
+    try:
+        merger(bank)
+        message = None
+    except RuntimeError as error:
+        message = str(error)
+    failed = (bank.groups.clone(), len(merger.history))
+    merger.backend = "torch"  # the ranks are still in step: the next round works everywhere
+    report = merger(bank)
+    return message, failed, bank.groups.clone(), report.pairs_merged
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_failure_on_rank_zero_raises_the_same_error_on_every_rank(world_size):
+    results = run_within(failure_worker, world_size)
+    messages = {message for message, *_ in results}
+    assert len(messages) == 1
+    (message,) = messages
+    assert "failed on rank 0" in message and "MemoryError: injected: no memory left for the search" in message
+    assert "left unchanged on every rank" in message
+    for _, (groups, rounds), after, merged in results:
+        assert torch.equal(groups, torch.arange(40)) and rounds == 0
+        assert torch.equal(after, results[0][2]) and merged == results[0][3] > 0
