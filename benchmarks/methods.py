@@ -150,8 +150,8 @@ class MemoryBankMethod(Method):
         bank = self.criterion.memory.features.float()
         total = 0.0
         for start in range(0, len(x), batch):
-            chunk = x[start : start + batch].to(bank.device)
-            rows = torch.cat([augment(chunk) for _ in range(views)])
+            chunk = x[start : start + batch]
+            rows = torch.cat([augment(chunk) for _ in range(views)]).to(bank.device)  # augmentations run on CPU
             sims = F.normalize(self.encoder(rows).float(), dim=1) @ bank.T
             ids = torch.arange(len(chunk), device=bank.device).repeat(views)
             total += float(measure(sims, ids)) * len(chunk)
@@ -184,7 +184,7 @@ class MoCoMethod(Method):
     def _keys(self, views: torch.Tensor) -> torch.Tensor:
         # BN over the whole key batch lets the model match a query to its key through batch statistics;
         # MoCo shuffles the batch across GPUs. Here: shuffle, normalise in separate groups, unshuffle.
-        order = torch.randperm(views.shape[0], generator=self.generator)
+        order = torch.randperm(views.shape[0], generator=self.generator).to(views.device)
         groups = min(self.settings.shuffle_groups, max(1, views.shape[0] // 2))
         keys = torch.cat([self.key_encoder(chunk) for chunk in views[order].chunk(groups)])
         return torch.empty_like(keys).index_copy_(0, order, keys)

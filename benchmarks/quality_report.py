@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GOAL_POINTS = 5.0
 COLUMNS = {"seen": ("knn", "1nn"), "unseen": ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")}
 METRIC_NAMES = {"knn": "kNN accuracy", "recall@1": "Recall@1"}
+# What the summary keeps of each merge round (mean and standard deviation over seeds).
+ROUND_NUMBERS = ("epoch", "precision", "merged_entries", "largest_group")
 # What each row of the ablation adds to the one before it.
 CHANGES = {"npid-4v": "views", "npid-4v-cons": "consistency", "full": "merging"}
 
@@ -75,9 +77,7 @@ def summarise(runs: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
             rounds = min((len(r.get("merges", [])) for r in mine), default=0)
             if rounds:
                 row["merge_rounds"] = [
-                    {k: _mean_std([r["merges"][i][k] for r in mine]) for k in ("epoch", "precision", "merged_entries",
-                                                                                 "largest_group")}
-                    for i in range(rounds)
+                    {k: _mean_std([r["merges"][i][k] for r in mine]) for k in ROUND_NUMBERS} for i in range(rounds)
                 ]
             summary[protocol][method] = row
     return summary

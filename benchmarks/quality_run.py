@@ -128,12 +128,14 @@ def run_job(
     model = build_method(method, encoder, split.train.y, steps, settings.method, generator).to(settings.device)
     augment = make_augment(data, generator)
     optimiser = torch.optim.Adam(encoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.lr, total_steps=settings.epochs * steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, settings.lr, total_steps=settings.epochs * steps, pct_start=settings.lr_warmup
+    )
     seconds = cpu = 0.0
     for epoch in range(settings.epochs):
         start, start_cpu = time.perf_counter(), time.process_time()
         model.on_epoch_start(epoch)
-        total = torch.zeros(())
+        total = torch.zeros((), device=settings.device)  # summed on the device: no sync each step
         for batch in loader:
             inputs = augment(batch["views"]).to(settings.device)
             loss = model.loss(inputs, batch["indices"].to(settings.device))
@@ -141,7 +143,7 @@ def run_job(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += loss.detach().cpu()
+            total += loss.detach()
         seconds += time.perf_counter() - start
         cpu += time.process_time() - start_cpu
         mean_loss = float(total) / steps

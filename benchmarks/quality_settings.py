@@ -69,6 +69,7 @@ class Settings:
     epochs: int = setting(30, "training epochs")
     batch_size: int = setting(64, "samples a batch (each gives one row per view)")
     lr: float = setting(1e-3, "peak learning rate of Adam's one-cycle schedule")
+    lr_warmup: float = setting(0.3, "share of the steps over which the one-cycle learning rate rises to its peak")
     weight_decay: float = setting(0.0, "Adam weight decay")
     width: int = setting(16, "channels of the encoder's first block")
     head: str = setting("linear", "projection head of the signal encoder: linear (as NPID) or mlp")
