@@ -96,7 +96,7 @@ def findings(summary: dict[str, Any], settings: Settings) -> list[str]:
         if "npid" in rows and "full" in rows:
             gain = _points(rows, "npid", "full", metric)
             verdict = "reached" if gain >= GOAL_POINTS else f"short by {GOAL_POINTS - gain:.1f}"
-            goal = f"goal +{GOAL_POINTS:.0f}: {verdict}"
+            goal = f"the goal at full length is +{GOAL_POINTS:.0f}: {verdict}"
             out.append(f"On {name} the full method is {gain:+.1f} points over NPID ({goal}).")
         if all(m in rows for m in ABLATION):
             steps = {CHANGES[b]: _points(rows, a, b, metric) for a, b in zip(ABLATION, ABLATION[1:])}

@@ -205,9 +205,12 @@ def test_findings_state_the_goal_each_change_and_the_raw_input():
     settings = Settings(protocols=("seen",), seeds=(0,))
     lines = quality_report.findings(summary_of(raw=0.6, npid=0.70, **{"npid-4v": 0.74, "npid-4v-cons": 0.73}, full=0.76),
                                     settings)
-    assert "the full method is +6.0 points over NPID (goal +5: reached)" in lines[0]
+    assert "the full method is +6.0 points over NPID (the goal at full length is +5: reached)" in lines[0]
     assert "views +4.0, consistency -1.0, merging +3.0 points (consistency not adding)" in lines[1]
     assert "the full method (0.760) is above the raw input (0.600)" in lines[2]
     assert lines[-1].startswith("One seed only")
     short = quality_report.findings(summary_of(npid=0.70, full=0.72), Settings(seeds=(0, 1)))
-    assert short == ["On seen classes (kNN accuracy) the full method is +2.0 points over NPID (goal +5: short by 3.0)."]
+    assert short == [
+        "On seen classes (kNN accuracy) the full method is +2.0 points over NPID (the goal at full length is +5: "
+        "short by 3.0)."
+    ]
