@@ -17,6 +17,12 @@ Cases:
     pml-cbm-moco        PML's losses.CrossBatchMemory, same recipe
     ours-cbm-xbm        ssl_memory.pml.CrossBatchMemory(ContrastiveLoss(1, 0.5)), B/4 classes x 4
     pml-cbm-xbm         PML's losses.CrossBatchMemory, same recipe (research-xbm's margins)
+    ours-cbm-triplet    ssl_memory.pml.CrossBatchMemory(TripletMarginLoss()), B/4 classes x 4 (every triplet)
+    pml-cbm-triplet     PML's losses.CrossBatchMemory, same loss
+    ours-cbm-ms         ssl_memory.pml.CrossBatchMemory(MultiSimilarityLoss()), B/4 classes x 4
+    pml-cbm-ms          PML's losses.CrossBatchMemory, same loss
+
+The XBM cases fill the memory with 1,000 labels, so each query has about M/1,000 positives in it.
 
 Outputs in ``--out``: ``speed.json`` (every measurement), ``speed.md`` (a table of seconds, ratios to
 the floor and peak memory) and ``speed.png`` (time against M, log-log).
@@ -57,8 +63,17 @@ CASES = (
     "pml-cbm-moco",
     "ours-cbm-xbm",
     "pml-cbm-xbm",
+    "ours-cbm-triplet",
+    "pml-cbm-triplet",
+    "ours-cbm-ms",
+    "pml-cbm-ms",
 )
-OURS = ("queue", "queue+mochi", "bank", "bank+views", "cross-batch", "ours-cbm-moco", "ours-cbm-xbm")
+OURS = tuple(case for case in CASES if case != "floor" and not case.startswith("pml-"))
+XBM_LOSSES = {  # PML's XBM recipe (research-xbm's margins), and the two other losses of the XBM paper
+    "xbm": lambda losses: losses.ContrastiveLoss(pos_margin=1, neg_margin=0.5),
+    "triplet": lambda losses: losses.TripletMarginLoss(),
+    "ms": lambda losses: losses.MultiSimilarityLoss(),
+}
 
 
 def _our_pml():
@@ -148,17 +163,14 @@ def build_step(case: str, size: int, batch: int, dim: int, device: str) -> Calla
                       enqueue_mask=torch.ones(chunk.shape[0], dtype=torch.bool, device=device))
         return lambda: backward(criterion(torch.cat([embeddings, keys]), labels, enqueue_mask=mask))
 
-    if case.endswith("cbm-xbm"):
+    if case.split("-cbm-")[-1] in XBM_LOSSES:
         owner = _our_pml() if case.startswith("ours") else pml_losses
-        loss = pml_losses.ContrastiveLoss(pos_margin=1, neg_margin=0.5)
+        loss = XBM_LOSSES[case.split("-cbm-")[-1]](pml_losses)
         criterion = owner.CrossBatchMemory(loss, dim, memory_size=size).to(device)
-        fill, fill_labels = _unit(size, dim, device, gen), torch.arange(size, device=device) % 1000
-        if case.startswith("ours"):
-            criterion.queue.enqueue(fill, fill_labels)
-        else:  # PML's memory is three plain attributes
-            criterion.embedding_memory.copy_(fill)
-            criterion.label_memory.copy_(fill_labels)
-            criterion.has_been_filled = True
+        # both classes expose PML's memory attributes: fill them as a PML user would
+        criterion.embedding_memory = _unit(size, dim, device, gen)
+        criterion.label_memory = torch.arange(size, device=device) % 1000
+        criterion.has_been_filled = True
         return lambda: backward(criterion(embeddings, class_labels))
 
     raise ValueError(f"case must be one of {CASES}, got {case!r}")

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"epoch {trainer.epoch}: precision_at_1 {accuracies['precision_at_1_level0']:.4f}  "
             f"MAP@R {accuracies['mean_average_precision_at_r_level0']:.4f}  "
-            f"R@1/2/4/8 {' / '.join(f'{recall[k]:.3f}' for k in (1, 2, 4, 8))}  memory rows {len(loss.queue)}"
+            f"R@1/2/4/8 {' / '.join(f'{recall[k]:.3f}' for k in (1, 2, 4, 8))}  memory rows {loss.num_filled}"
         )
         return True  # keep training
 

@@ -3,12 +3,11 @@
 from .bank import MemoryBank
 from .data import MultiAugCollate, WithIndex
 from .losses import ConsistencyLoss, CrossBatchLoss, MemoryBankLoss, QueueLoss
-from .memory import Memory
 from .merging import MergeReport, NeighbourMerger
 from .mixing import HardNegativeMixer
 from .queue import Queue
 
-__all__ = ["Memory", "MemoryBank", "Queue"]
+__all__ = ["MemoryBank", "Queue"]
 __all__ += ["ConsistencyLoss", "CrossBatchLoss", "HardNegativeMixer", "MemoryBankLoss", "MultiAugCollate", "QueueLoss"]
 __all__ += ["WithIndex"]
 __all__ += ["MergeReport", "NeighbourMerger"]

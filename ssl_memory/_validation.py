@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -38,9 +39,56 @@ def check_range(name: str, values: torch.Tensor, upper: int) -> None:
     """Raise if any entry of ``values`` lies outside ``[0, upper)``."""
     if values.numel() == 0:
         return
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= upper:
+    low, high = torch.aminmax(values)
+    _raise_out_of_range(name, int(low), int(high), upper)
+
+
+def _raise_out_of_range(name: str, low: int, high: int, upper: int | None) -> None:
+    if upper is None:
+        if low < 0:
+            raise ValueError(f"{name} must be non-negative, got a minimum of {low}")
+    elif low < 0 or high >= upper:
         raise ValueError(f"{name} must lie in [0, {upper}), got values in [{low}, {high}]")
+
+
+def check_values(
+    features_name: str,
+    *features: torch.Tensor,
+    indices_name: str = "indices",
+    indices: torch.Tensor | None = None,
+    upper: int | None = None,
+) -> None:
+    """Raise unless every value of ``features`` is finite and every index lies in ``[0, upper)`` (or >= 0).
+
+    The data-dependent checks of one step, read back from the device in one transfer (one sync).
+    ``features_name`` names the tensors, separated by commas when there are several.
+    """
+    names = features_name.split(",")
+    flags = [torch.isfinite(f).all().to(torch.long) for f in features]
+    with_range = indices is not None and indices.numel() > 0
+    if with_range:
+        flags += list(torch.aminmax(indices.to(torch.long)))
+    if not flags:
+        return
+    values = torch.stack(flags).tolist()
+    for name, finite in zip(names, values):
+        if not finite:
+            raise ValueError(f"{name.strip()} contain NaN or infinite values")
+    if with_range:
+        _raise_out_of_range(indices_name, values[-2], values[-1], upper)
+
+
+def first_failure(check: Callable[[], None]) -> Exception | None:
+    """The ``TypeError`` or ``ValueError`` that ``check()`` raises, or None.
+
+    Under ``torch.distributed`` a failed check must travel to the other ranks before it is raised
+    (see :func:`ssl_memory.distributed.gather_rows`), so checks are run through this.
+    """
+    try:
+        check()
+    except (TypeError, ValueError) as error:
+        return error
+    return None
 
 
 def check_positive_int(name: str, value: int) -> None:
@@ -79,3 +127,32 @@ def check_matrix(name: str, value: torch.Tensor, dim: int | None = None, rows: s
     if value.dim() != 2 or (dim is not None and value.shape[1] != dim):
         expected = f"({rows}, {dim if dim is not None else cols})"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+
+
+def loaded_tensor(
+    state_dict: dict, prefix: str, name: str, shape: tuple[int, ...], floating: bool
+) -> torch.Tensor | None:
+    """The tensor ``state_dict[prefix + name]`` if present, after checking its shape and dtype kind.
+
+    For ``_load_from_state_dict`` overrides: a bad state raises before anything is copied, so the
+    module is left as it was.
+    """
+    key = prefix + name
+    value = state_dict.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"state_dict[{key!r}] must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    kind_ok = value.is_floating_point() if floating else not (value.is_floating_point() or value.is_complex())
+    if not kind_ok or value.dtype == torch.bool:
+        kind = "floating-point" if floating else "integer"
+        raise ValueError(f"state_dict[{key!r}] must be a {kind} tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_loaded(key: str, ok: bool, problem: str) -> None:
+    """Refuse a state whose ``key`` fails a check; ``problem`` says what is wrong with it."""
+    if not ok:
+        raise ValueError(f"state_dict[{key!r}] {problem}; the module was left unchanged")

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_features, check_fraction, check_index_vector, check_positive_int, check_range
+from ._validation import (
+    check_features,
+    check_fraction,
+    check_index_vector,
+    check_loaded,
+    check_positive_int,
+    check_values,
+    first_failure,
+    loaded_tensor,
+)
 from .distributed import gather_rows
 from .memory import Memory
 
@@ -23,10 +32,13 @@ class MemoryBank(Memory):
     ``momentum`` weights the **old** entry, as in NPID (``m = 0.5``); ``m = 0`` replaces it.
     All state is in buffers: ``features`` (unit rows, random on the sphere at start) and
     ``groups`` (the merged-instance id of each entry, ``arange`` until a
-    :class:`~ssl_memory.NeighbourMerger` writes it), so ``state_dict()`` resumes exactly.
+    :class:`~ssl_memory.NeighbourMerger` writes it), so ``state_dict()`` resumes exactly, and
+    ``load_state_dict`` refuses a state of the wrong shape, with non-finite rows or group ids out of
+    range, leaving the bank as it was.
 
     Under ``torch.distributed``, :meth:`update` gathers every rank's rows in rank order before
-    writing, and the first update copies rank 0's buffers to every rank.
+    writing, so every rank holds the same bank; the initial entries come from a generator seeded
+    with 0 unless one is given, so every rank also starts from the same bank.
 
     Args:
         num_entries: number of training samples N.
@@ -35,7 +47,8 @@ class MemoryBank(Memory):
         dtype: storage dtype; ``torch.bfloat16`` or ``torch.float16`` halve the memory. Updates and
             similarities are computed in float32.
         device: where the bank lives.
-        generator: random generator for the initial entries.
+        generator: random generator for the initial entries (default: seeded with 0). Under
+            ``torch.distributed`` it must give every rank the same draws.
 
     Shape:
         - ``features``: (N, D); ``groups``: (N,)
@@ -60,13 +73,15 @@ class MemoryBank(Memory):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__("features")
+        super().__init__()
         check_positive_int("num_entries", num_entries)
         check_positive_int("dim", dim)
         check_fraction("momentum", momentum)
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         self.momentum = momentum
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
         initial = F.normalize(torch.randn(num_entries, dim, generator=generator), dim=1)
         self.register_buffer("features", initial.to(device=device, dtype=dtype))
         self.register_buffer("groups", torch.arange(num_entries, device=device))
@@ -82,29 +97,55 @@ class MemoryBank(Memory):
     def __len__(self) -> int:
         return self.num_entries
 
+    def readable(self) -> torch.Tensor:
+        """Every entry: (N, D)."""
+        return self.features
+
+    def check(self, indices: torch.Tensor, features: torch.Tensor, names: tuple[str, str] = ("indices", "features")):
+        """Raise unless ``features`` is a finite (B, D) tensor and ``indices`` (B,) integers in [0, N), on the bank."""
+        device = self.features.device
+        check_features(names[1], features, self.dim, device)
+        check_index_vector(names[0], indices, features.shape[0], device)
+        check_values(names[1], features, indices_name=names[0], indices=indices, upper=self.num_entries)
+
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor, gather: bool = True) -> None:
         """Move the entries of ``indices`` towards ``features``; rows sharing an index are averaged first.
 
-        Nothing is written when any check fails (on any rank, under ``torch.distributed``).
-        ``gather=False`` writes this process's rows only, for a batch already gathered from every rank.
+        Nothing is written when any check fails (on any rank, under ``torch.distributed``: every rank
+        raises :class:`~ssl_memory.distributed.DistributedInputError`). ``gather=False`` writes this
+        process's rows only, for a batch already gathered from every rank.
         """
-        device = self.features.device
-        check_features("features", features, self.dim, device)
-        check_index_vector("indices", indices, features.shape[0], device)
-        check_range("indices", indices, self.num_entries)
-        finite = bool(torch.isfinite(features).all())
+        self.write(indices, features, gather, first_failure(lambda: self.check(indices, features)))
+
+    @torch.no_grad()
+    def write(self, indices: torch.Tensor, features: torch.Tensor, gather: bool, error: Exception | None) -> None:
+        """:meth:`update` for callers that checked the rows themselves (``error``: their verdict, or None)."""
+        if error is not None:  # this rank still joins the gather, with no rows, so every rank can raise
+            indices, features = self.groups[:0], self.features.new_empty(0, self.dim, dtype=torch.float32)
+        indices, features = indices.long(), features.float()
         if gather:
-            indices, features = gather_rows(indices, features, finite=finite)
-        elif not finite:
-            raise ValueError("features contain NaN or infinite values; the memory was left unchanged")
-        self._sync_before_first_write()
+            indices, features = gather_rows(indices, features, error=error)
+        elif error is not None:
+            raise error
         rows, inverse = indices.unique(return_inverse=True)
-        unit = F.normalize(features.float(), dim=1)
+        unit = F.normalize(features, dim=1)
         sums = unit.new_zeros(rows.numel(), self.dim).index_add_(0, inverse, unit)
         mean = sums / torch.bincount(inverse, minlength=rows.numel()).unsqueeze(1)
         old = self.features[rows].float()
-        self._write_rows_(rows, F.normalize(self.momentum * old + (1 - self.momentum) * mean, dim=1))
+        new = F.normalize(self.momentum * old + (1 - self.momentum) * mean, dim=1)
+        self.features.index_copy_(0, rows, new.to(self.features.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        features = loaded_tensor(state_dict, prefix, "features", (self.num_entries, self.dim), floating=True)
+        groups = loaded_tensor(state_dict, prefix, "groups", (self.num_entries,), floating=False)
+        if features is not None:
+            check_loaded(prefix + "features", bool(torch.isfinite(features).all()), "holds NaN or infinite values")
+        if groups is not None and groups.numel():
+            low, high = (int(v) for v in torch.aminmax(groups))
+            check_loaded(prefix + "groups", low >= 0 and high < self.num_entries,
+                         f"must hold entry ids in [0, {self.num_entries}), got values in [{low}, {high}]")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_entries={self.num_entries}, dim={self.dim}, momentum={self.momentum}, dtype={self.features.dtype}"

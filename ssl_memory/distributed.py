@@ -2,6 +2,12 @@
 
 Outside an initialised process group (or with a world of one) every function here returns its
 input untouched, so single-process code pays nothing.
+
+A memory write gathers every rank's rows in rank order. Each rank's row count travels in a small
+header, and so does its *verdict* on its own input: a rank whose input failed a check still takes
+part in the gather (with no rows), and then every rank raises the same :class:`DistributedInputError`
+before anything is written. A check that fails on one rank therefore never leaves the others waiting
+in a collective, and the next step starts with every rank in step.
 """
 
 from __future__ import annotations
@@ -11,44 +17,70 @@ import torch.distributed as dist
 from torch import nn
 
 
+class DistributedInputError(ValueError):
+    """Bad input on some rank(s) of a collective write: raised on every rank, and nothing was written."""
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_rows(*tensors: torch.Tensor, finite: bool = True) -> tuple[torch.Tensor, ...]:
-    """Concatenate each tensor's rows from all ranks, in rank order.
+def rank() -> int:
+    """This process's rank, 0 outside distributed runs."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def raise_together(failures: list[int], error: Exception | None) -> None:
+    """Raise one :class:`DistributedInputError` on every rank, naming the ``failures`` and their reasons.
+
+    Every rank must call it with the same ``failures`` (ranks whose check failed); ``error`` is this
+    rank's own exception, or None. The reasons travel with one ``all_gather_object``, which runs only on
+    this failure path.
+    """
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, None if error is None else f"{type(error).__name__}: {error}")
+    detail = "; ".join(f"rank {r}: {reasons[r]}" for r in failures)
+    raise DistributedInputError(
+        f"bad input on rank(s) {failures}; nothing was written on any rank ({detail})"
+    ) from error
+
+
+def gather_rows(*tensors: torch.Tensor, error: Exception | None = None) -> tuple[torch.Tensor, ...]:
+    """Concatenate each tensor's rows from all ranks, in rank order, or raise on every rank together.
 
     Ranks may hold different numbers of rows (a short last batch); all tensors of one call share
-    their row count. ``finite`` is this rank's verdict on its own data: it travels with the row
-    counts, so when any rank holds non-finite features every rank raises together instead of one
-    rank raising while the others wait in the next collective.
+    their row count. ``error`` is this rank's verdict on its own input: a rank that found its input
+    bad passes the exception (and tensors of the right dtype and trailing shape, with no rows), and
+    every rank then raises :class:`DistributedInputError` instead of one rank raising while the
+    others wait.
 
     Args:
         tensors: tensors with the same first dimension on this rank.
-        finite: whether this rank's data is fit to be written.
+        error: this rank's failed check, or None.
 
     Returns:
         The gathered tensors, ``sum(rows of each rank)`` rows each.
 
     Raises:
-        ValueError: when some rank reported ``finite=False``.
+        DistributedInputError: on every rank, when any rank passed an ``error``.
+        The ``error`` itself outside distributed runs.
+
+    Shape:
+        - tensors: (B_r, ...) on rank r; output: (sum_r B_r, ...)
     """
     if not is_distributed():
-        if not finite:
-            raise ValueError("features contain NaN or infinite values; the memory was left unchanged")
+        if error is not None:
+            raise error
         return tensors
     world = dist.get_world_size()
-    device = tensors[0].device
-    header = torch.tensor([tensors[0].shape[0], int(finite)], device=device)
+    header = torch.tensor([0 if error else tensors[0].shape[0], int(error is None)], device=tensors[0].device)
     headers = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(headers, header)
-    counts = [int(h[0]) for h in headers]
-    bad = [rank for rank, h in enumerate(headers) if not int(h[1])]
-    if bad:
-        raise ValueError(
-            f"features on rank(s) {bad} contain NaN or infinite values; the memory was left unchanged on every rank"
-        )
+    counts, verdicts = torch.stack(headers).T.tolist()
+    failures = [r for r, ok in enumerate(verdicts) if not ok]
+    if failures:
+        raise_together(failures, error)
     longest = max(counts)
     gathered = []
     for tensor in tensors:
@@ -56,20 +88,15 @@ def gather_rows(*tensors: torch.Tensor, finite: bool = True) -> tuple[torch.Tens
         padded = tensor.new_zeros((longest, *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         pieces = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(pieces, padded.contiguous())
+        dist.all_gather(pieces, padded)
         gathered.append(torch.cat([piece[:count] for piece, count in zip(pieces, counts)]))
     return tuple(gathered)
 
 
 @torch.no_grad()
 def broadcast_buffers_(module: nn.Module, src: int = 0) -> None:
-    """Overwrite every buffer of ``module`` in place with rank ``src``'s."""
+    """Overwrite every buffer of ``module`` in place with rank ``src``'s (e.g. BatchNorm statistics)."""
     if not is_distributed():
         return
     for buffer in module.buffers():
         dist.broadcast(buffer, src)
-
-
-def rank() -> int:
-    """This process's rank, 0 outside distributed runs."""
-    return dist.get_rank() if is_distributed() else 0

@@ -83,7 +83,9 @@ def knn_predict(
         chunk_size: queries per similarity block.
 
     Returns:
-        (Q, num_classes) float32 class scores; ``scores.argmax(1)`` is the prediction.
+        (Q, num_classes) float32 class scores :math:`w_c(q) / \exp(s_{\max}(q) / T)`, with
+        :math:`s_{\max}(q)` the query's highest similarity: finite at any temperature, in the same
+        order as :math:`w_c`; ``scores.argmax(1)`` is the prediction.
 
     Shape:
         - query: (Q, D); gallery: (N, D); gallery_labels: (N,)
@@ -116,9 +118,12 @@ def knn_predict(
     scores = []
     for start in range(0, query.shape[0], chunk_size):
         block = F.normalize(query[start : start + chunk_size].float().to(gallery.device), dim=1)
-        sims, nearest = (block @ gallery.T).topk(k, dim=1)
+        sims, nearest = (block @ gallery.T).topk(k, dim=1)  # sorted: column 0 holds each row's largest
+        # exp((s - s_max) / T) keeps every weight in (0, 1] at any temperature (exp(s / T) overflows
+        # below T ~ 0.011); dividing a query's votes by one constant leaves its ranking unchanged
+        weights = ((sims - sims[:, :1]) / temperature).exp()
         votes = torch.zeros(block.shape[0], num_classes, device=gallery.device)
-        scores.append(votes.scatter_add_(1, gallery_labels[nearest], (sims / temperature).exp()))
+        scores.append(votes.scatter_add_(1, gallery_labels[nearest], weights))
     if not scores:
         return torch.zeros(0, num_classes, device=gallery.device)
     return torch.cat(scores)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_features, check_index_vector, check_positive_int
+from ._validation import (
+    check_features,
+    check_index_vector,
+    check_loaded,
+    check_positive_int,
+    check_values,
+    first_failure,
+    loaded_tensor,
+)
 from .distributed import gather_rows
 from .memory import Memory
 
@@ -18,8 +26,10 @@ class Queue(Memory):
     ``labelled=True`` each row keeps an integer label (XBM keeps class labels; MoCo needs none).
 
     The ring, its labels, the write ``pointer`` and the fill ``count`` are buffers, so
-    ``state_dict()`` restores the exact queue. Under ``torch.distributed`` every rank's batch is
-    gathered in rank order before writing, so all ranks hold the same queue.
+    ``state_dict()`` restores the exact queue; ``load_state_dict`` refuses a state of the wrong shape,
+    with non-finite rows, a count above ``size`` or a pointer out of range, leaving the queue as it
+    was. Under ``torch.distributed`` every rank's batch is gathered in rank order before writing, so
+    all ranks hold the same queue.
 
     Args:
         size: capacity M.
@@ -54,7 +64,7 @@ class Queue(Memory):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__("slots")
+        super().__init__()
         check_positive_int("size", size)
         check_positive_int("dim", dim)
         if not dtype.is_floating_point:
@@ -76,8 +86,9 @@ class Queue(Memory):
     def __len__(self) -> int:
         return int(self.count)
 
-    def _num_readable(self) -> int:
-        return int(self.count)
+    def readable(self) -> torch.Tensor:
+        """The filled rows (:attr:`features`)."""
+        return self.features
 
     @property
     def is_full(self) -> bool:
@@ -98,40 +109,53 @@ class Queue(Memory):
 
     def next_slots(self, num_rows: int) -> torch.Tensor:
         """The slots that enqueuing ``num_rows`` rows (at most ``size``) will write, in order."""
-        return (int(self.pointer) + torch.arange(num_rows, device=self.slots.device)) % self.size
+        return (self.pointer + torch.arange(num_rows, device=self.slots.device)) % self.size
 
-    @torch.no_grad()
-    def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None, gather: bool = True) -> None:
-        """Append rows (and their labels), overwriting the oldest once full.
-
-        Nothing is written when any check fails (on any rank, under ``torch.distributed``).
-        ``gather=False`` writes this process's rows only: for callers whose batch was already
-        gathered from every rank (PML's ``DistributedLossWrapper``).
-        """
+    def check(self, features: torch.Tensor, labels: torch.Tensor | None = None, name: str = "features") -> None:
+        """Raise unless ``features`` is a finite (B, D) tensor on the queue's device, with (B,) labels iff labelled."""
         device = self.slots.device
-        check_features("features", features, self.dim, device)
+        check_features(name, features, self.dim, device)
         if self.labelled:
             if labels is None:
                 raise ValueError("labels are required: this Queue was built with labelled=True")
             check_index_vector("labels", labels, features.shape[0], device)
         elif labels is not None:
             raise ValueError("labels were given to a Queue built with labelled=False; build it with labelled=True")
-        finite = bool(torch.isfinite(features).all())
-        tensors = (features, labels) if self.labelled else (features,)
-        gathered = gather_rows(*tensors, finite=finite) if gather else tensors
-        if not finite:  # gather_rows raises for every rank; a local write still must not store NaN
-            raise ValueError("features contain NaN or infinite values; the memory was left unchanged")
-        self._sync_before_first_write()
-        gathered = [t[-self.size :] for t in gathered]  # only the newest `size` rows can survive
-        num_rows = gathered[0].shape[0]
+        check_values(name, features)
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None, gather: bool = True) -> None:
+        """Append rows (and their labels), overwriting the oldest once full.
+
+        Nothing is written when any check fails (on any rank, under ``torch.distributed``: every rank
+        raises :class:`~ssl_memory.distributed.DistributedInputError`). ``gather=False`` writes this
+        process's rows only: for callers whose batch was already gathered from every rank (PML's
+        ``DistributedLossWrapper``).
+        """
+        self.write(features, labels, gather, first_failure(lambda: self.check(features, labels)))
+
+    @torch.no_grad()
+    def write(
+        self, features: torch.Tensor, labels: torch.Tensor | None, gather: bool, error: Exception | None
+    ) -> None:
+        """:meth:`enqueue` for callers that checked the rows themselves (``error``: their verdict, or None)."""
+        if error is not None:  # this rank still joins the gather, with no rows, so every rank can raise
+            features, labels = self.slots[:0], self.pointer.new_empty(0)
+        tensors = (features.to(self.slots.dtype),) + ((labels.long(),) if self.labelled else ())
+        if gather:
+            tensors = gather_rows(*tensors, error=error)
+        elif error is not None:
+            raise error
+        tensors = [t[-self.size :] for t in tensors]  # only the newest `size` rows can survive
+        num_rows = tensors[0].shape[0]
         if num_rows == 0:
             return
         slots = self.next_slots(num_rows)
-        self._write_rows_(slots, gathered[0])
+        self.slots.index_copy_(0, slots, tensors[0])
         if self.labelled:
-            self.slot_labels.index_copy_(0, slots, gathered[1].to(torch.long))
-        self.pointer.fill_((int(self.pointer) + num_rows) % self.size)
-        self.count.fill_(min(int(self.count) + num_rows, self.size))
+            self.slot_labels.index_copy_(0, slots, tensors[1])
+        self.pointer.add_(num_rows).remainder_(self.size)
+        self.count.add_(num_rows).clamp_(max=self.size)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -141,6 +165,28 @@ class Queue(Memory):
             self.slot_labels.zero_()
         self.pointer.zero_()
         self.count.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        slots = loaded_tensor(state_dict, prefix, "slots", (self.size, self.dim), floating=True)
+        if self.labelled:
+            loaded_tensor(state_dict, prefix, "slot_labels", (self.size,), floating=False)
+        pointer = loaded_tensor(state_dict, prefix, "pointer", (), floating=False)
+        count = loaded_tensor(state_dict, prefix, "count", (), floating=False)
+        if slots is not None:
+            check_loaded(prefix + "slots", bool(torch.isfinite(slots).all()), "holds NaN or infinite values")
+        size = self.size
+        if count is not None:
+            check_loaded(prefix + "count", 0 <= int(count) <= size, f"must lie in [0, {size}], got {int(count)}")
+        if pointer is not None:
+            check_loaded(prefix + "pointer", 0 <= int(pointer) < size, f"must lie in [0, {size}), got {int(pointer)}")
+        if count is not None and pointer is not None and int(count) < size:
+            # until the ring is full, rows are written from slot 0 on, so the pointer is the count
+            check_loaded(
+                prefix + "pointer",
+                int(pointer) == int(count),
+                f"must equal count ({int(count)}) while the queue is not full, got {int(pointer)}",
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, labelled={self.labelled}, dtype={self.slots.dtype}"

@@ -128,3 +128,13 @@ def test_bad_inputs():
 def test_every_row_layout_matches_definition(indices, mode):
     logits = torch.randn(len(indices), 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     compare(logits, indices, 0.5, mode)
+
+
+def test_double_backward_is_refused_not_wrong():
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    loss = ConsistencyLoss(0.5)(logits, torch.arange(6) % 3)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, logits)  # first order still works
+    assert torch.isfinite(grad).all()
+

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_memory import CrossBatchLoss
+from ssl_memory.losses.cross_batch import pair_similarities
 
 
 def xbm_contrastive(anchors, anchor_labels, references, reference_labels, margin):
@@ -23,9 +24,11 @@ def xbm_contrastive(anchors, anchor_labels, references, reference_labels, margin
     return torch.stack(per_anchor)
 
 
+# margin -1: every negative counts, and the pairs are read from the dense product; 0.8: a few, computed row by row
+@pytest.mark.parametrize("margin", [-1.0, 0.1, 0.8])
 @pytest.mark.parametrize("start_step", [0, 2])
-def test_matches_reference_over_steps(start_step):
-    size, dim, margin, weight = 7, 4, 0.1, 0.5
+def test_matches_reference_over_steps(start_step, margin):
+    size, dim, weight = 7, 4, 0.5
     criterion = CrossBatchLoss(size, dim, margin=margin, memory_weight=weight, start_step=start_step).double()
     memory = deque(maxlen=size)
     gen = torch.Generator().manual_seed(0)
@@ -51,7 +54,7 @@ def test_matches_reference_over_steps(start_step):
         if step >= start_step:
             memory.extend(zip(F.normalize(embeddings, dim=1), labels.tolist()))
         assert len(criterion.queue) == len(memory) and int(criterion.step) == step + 1
-        if step == 3 and start_step == 0:
+        if step == 3 and start_step == 0 and margin < 0.5:
             assert terms["memory"].abs().sum() > 0  # the memory term was exercised
 
 
@@ -132,3 +135,16 @@ def test_bad_inputs(embeddings, labels, error, match):
     with pytest.raises(error, match=match):
         criterion(embeddings, labels)
     assert len(criterion.queue) == 0
+
+
+def test_pair_similarities_row_by_row_and_from_the_product_agree():
+    gen = torch.Generator().manual_seed(3)
+    query, reference = torch.randn(6, 5, generator=gen), torch.randn(9, 5, generator=gen)
+    few = (torch.tensor([0, 2, 5]), torch.tensor([8, 1, 1]))
+    many = torch.cartesian_prod(torch.arange(6), torch.arange(9)).T.unbind()  # more than B * R / D pairs
+    for rows, cols in (few, many):
+        x = query.clone().requires_grad_()
+        values = pair_similarities(x, reference, rows, cols)
+        (values * torch.arange(len(rows))).sum().backward()
+        torch.testing.assert_close(values, (query[rows] * reference[cols]).sum(1))
+        torch.testing.assert_close(x.grad, torch.zeros_like(query).index_add(0, rows, torch.arange(len(rows))[:, None] * reference[cols]))

@@ -22,7 +22,7 @@ def brute_knn_scores(query, gallery, labels, k, temperature, num_classes):
         sims = sorted(((cosine(q, g), int(y)) for g, y in zip(gallery.tolist(), labels)), reverse=True)[:k]
         row = [0.0] * num_classes
         for s, y in sims:
-            row[y] += math.exp(s / temperature)
+            row[y] += math.exp((s - sims[0][0]) / temperature)  # NPID's weights over exp(s_max / T), documented
         scores.append(row)
     return torch.tensor(scores)
 
@@ -90,6 +90,24 @@ def test_knn_accuracy_matches_brute_force_and_one_nn():
     nearest = [max(range(60), key=lambda j: cosine(qr, gallery[j].tolist())) for qr in query.tolist()]
     one_nn = sum(int(labels[j] == y) for j, y in zip(nearest, query_labels)) / 25
     assert knn_accuracy(query, query_labels, gallery, labels, k=1) == pytest.approx(one_nn)
+
+
+@pytest.mark.parametrize("temperature", [0.005, 0.002])
+def test_knn_votes_stay_finite_at_low_temperature(temperature):
+    """exp(s / T) overflows float32 below T ~ 0.011; the prediction must still be the heaviest class."""
+    g = torch.Generator().manual_seed(3)
+    gallery, query = torch.randn(50, 6, generator=g), torch.randn(20, 6, generator=g)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    scores = knn_predict(query, gallery, labels, k=10, temperature=temperature)
+    assert torch.isfinite(scores).all()
+    exact = []  # log of the class weights in float64: exp(1 / 0.002) = exp(500) is still finite there
+    for q in query.double().tolist():
+        sims = sorted(((cosine(q, x), int(y)) for x, y in zip(gallery.double().tolist(), labels)), reverse=True)[:10]
+        weights = [0.0] * 4
+        for s, y in sims:
+            weights[y] += math.exp(s / temperature)
+        exact.append(max(range(4), key=lambda c: weights[c]))
+    assert scores.argmax(1).tolist() == exact
 
 
 def test_knn_with_memory_bank_gallery_uses_its_features():

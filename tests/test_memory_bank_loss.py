@@ -247,3 +247,11 @@ def test_bad_inputs_raise_and_leave_memory_untouched(embeddings, indices, error,
     with pytest.raises(error, match=match):
         criterion(embeddings, indices)
     assert torch.equal(criterion.memory.features, before)
+
+
+def test_double_backward_without_consistency_is_exact():
+    criterion = make(temperature=0.5)
+    criterion.memory.groups.copy_(planted_groups(12))
+    embeddings = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([1, 2, 5, 1, 7])
+    assert torch.autograd.gradgradcheck(lambda e: criterion(e, indices, update_memory=False), (embeddings,))

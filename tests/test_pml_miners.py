@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed_helpers import run_distributed
 from pytorch_metric_learning import distances, losses
 from pytorch_metric_learning.utils.distributed import DistributedMinerWrapper
+from test_pml_distributed import run_with_timeout
 
 import ssl_memory
 from ssl_memory import MemoryBank, pml
@@ -137,7 +137,7 @@ def test_merge_group_miner_treats_a_group_as_positives(source):
     memory = {
         "bank": bank,
         "core_loss": ssl_memory.MemoryBankLoss(memory=bank),
-        "pml_loss": pml.MemoryBankLoss(memory=bank),
+        "pml_loss": pml.PMLMemoryBankLoss(memory=bank),
         "tensor": bank.groups,
     }[source]
     miner = pml.MergeGroupMiner(memory)
@@ -173,7 +173,7 @@ def test_merge_group_miner_inside_cross_batch_memory():
     for _ in range(4):
         embeddings, labels = torch.randn(5, DIM, generator=gen), torch.randint(0, 12, (5,), generator=gen)
         loss = criterion(embeddings, labels)
-        memory, memory_labels = criterion.queue.features, criterion.queue.labels
+        memory, memory_labels = criterion.embedding_memory[: criterion.num_filled], criterion.label_memory[: criterion.num_filled]
         positives, negatives = group_brute_force(bank.groups, labels, memory_labels, False)
         positives = [(i, j) for i, j in positives if j != criterion.curr_batch_idx[i]]
         mined = pair_tuple(positives, negatives)
@@ -196,7 +196,7 @@ def miner_worker(rank, world_size):
 
 
 def test_miners_work_under_distributed_miner_wrapper():
-    results = run_distributed(miner_worker, 2)
+    results = run_with_timeout(miner_worker, 2)
     pieces = [data(seed=rank, rows=5, refs=7) for rank in range(2)]
     for rank, result in enumerate(results):
         # PML gathers this rank's rows first, then the other ranks' in rank order

@@ -78,7 +78,7 @@ def untrained():
 
 def test_memory_bank_loss_in_metric_loss_only(untrained):
     """Labels are dataset indices; the bank learns every sample and the loss falls across epochs."""
-    loss_fn = pml.MemoryBankLoss(num_samples=CLASSES * PER_CLASS, dim=DIM, temperature=0.1)
+    loss_fn = pml.PMLMemoryBankLoss(num_samples=CLASSES * PER_CLASS, dim=DIM, temperature=0.1)
     initial = loss_fn.memory.features.clone()
     trunk, history = train(loss_fn, torch.arange(CLASSES * PER_CLASS))
     assert (loss_fn.memory.features != initial).any(1).all()

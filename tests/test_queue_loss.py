@@ -155,7 +155,8 @@ def test_mixer_with_query_whose_negatives_are_all_masked_ignores_its_mixes():
         (torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, -1, 2]), ValueError, "non-negative"),
         (torch.randn(3, 4), torch.randn(3, 4), torch.arange(3.0), TypeError, "integer"),
         (torch.randn(0, 4), torch.randn(0, 4), None, ValueError, "at least one row"),
-        (torch.randn(3, 4), torch.full((3, 4), float("nan")), None, ValueError, "NaN"),
+        (torch.randn(3, 4), torch.full((3, 4), float("nan")), None, ValueError, "key contain NaN"),
+        (torch.randn(3, 4).index_fill(0, torch.tensor([1]), float("inf")), torch.randn(3, 4), None, ValueError, "query contain NaN"),
     ],
 )
 def test_bad_inputs_raise_and_leave_queue_untouched(query, key, indices, error, match):

@@ -25,7 +25,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 def run_example(name, *args):
     launcher = TORCHRUN if name == "ddp" else []
     command = [sys.executable, *launcher, f"examples/{name}.py", "--smoke", *args]
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     if name == "ddp":
         assert "same memory on all 2 ranks" in result.stdout

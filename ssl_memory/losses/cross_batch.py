@@ -8,11 +8,105 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_features, check_index_vector, check_non_negative_int, check_non_negative_number
+from .._validation import (
+    check_features,
+    check_index_vector,
+    check_non_negative_int,
+    check_non_negative_number,
+    check_values,
+    first_failure,
+)
 from ..queue import Queue
 
 # positives this similar are the anchor itself (or an exact duplicate) and are skipped, as in research-xbm
 _SELF_SIMILARITY = 1 - 1e-5
+# candidates are taken this far below a threshold, so that rounding in the (B, R) product never drops a pair
+# whose own dot product exceeds it (float32 dot products of unit vectors err by ~D * 6e-8)
+_SLACK = 1e-4
+
+
+def equal_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``(i, j)`` with ``labels[i] == ref_labels[j]``, in row-major order, without a (B, R) mask.
+
+    Sorting the reference labels once makes this O(R log R + pairs) instead of a (B, R) comparison
+    and a ``nonzero`` over it, which cost more than a whole loss at R = 65,536.
+
+    Shape:
+        - labels: (B,); ref_labels: (R,)
+        - output: two (P,) long tensors
+    """
+    ordered, order = torch.sort(ref_labels, stable=True)
+    labels = labels.to(ordered.dtype)
+    low = torch.searchsorted(ordered, labels)
+    counts = torch.searchsorted(ordered, labels, right=True) - low
+    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    cols = order[low[rows] + torch.arange(rows.numel(), device=labels.device) - starts[rows]]
+    return rows, cols
+
+
+def pairs_above(
+    similarity: torch.Tensor, threshold: float, excluded: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of ``similarity`` above ``threshold`` (less a rounding slack), except the ``excluded`` pairs.
+
+    In metric learning few pairs of different labels are similar enough to violate a margin, so a
+    hinge loss over a (B, R) similarity needs only these candidates; the caller recomputes their
+    exact values (:func:`pair_similarities`) and applies its own strict test.
+    """
+    candidates = similarity > threshold - _SLACK
+    if excluded[0].numel():
+        candidates.index_put_(excluded, candidates.new_zeros(()))
+    return candidates.nonzero(as_tuple=True)
+
+
+def pair_similarities(
+    query: torch.Tensor, reference: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    r"""``query[rows] . reference[cols]`` for a list of pairs, differentiable.
+
+    Few pairs (at most :math:`BR / D`) are computed row by row in O(pairs x D); more are read from
+    the (B, R) product, whose backward is then one (B, R) @ (R, D) product. The product keeps a
+    private copy of a ``reference`` that needs no gradient, so a memory written in place after this
+    call does not disturb the backward.
+
+    Shape:
+        - query: (B, D); reference: (R, D); rows, cols: (P,)
+        - output: (P,)
+    """
+    if rows.numel() * query.shape[1] <= query.shape[0] * reference.shape[0]:
+        return torch.linalg.vecdot(query[rows], reference[cols])
+    if not reference.requires_grad:
+        reference = reference.clone()
+    return (query @ reference.T)[rows, cols]
+
+
+def xbm_contrastive(
+    query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor, margin: float
+) -> torch.Tensor:
+    r"""research-xbm's contrastive loss of each query against a reference set, summed over the references.
+
+    .. math::
+        \ell_b = \sum_{j:\, y_j = y_b,\ s_{bj} < 1 - 10^{-5}} (1 - s_{bj})
+               + \sum_{j:\, y_j \ne y_b,\ s_{bj} > \text{margin}} s_{bj}
+
+    on the dot products :math:`s` of unit rows. Only the pairs that count are ever listed (equal
+    labels, and the negatives above the margin), so a large reference set costs one (B, R) product
+    without gradient and a comparison.
+
+    Shape:
+        - query: (B, D) unit rows; labels: (B,); reference: (R, D) unit rows; ref_labels: (R,)
+        - output: (B,)
+    """
+    with torch.no_grad():
+        similarity = query @ reference.T
+    pos_rows, pos_cols = equal_label_pairs(labels, ref_labels)
+    neg_rows, neg_cols = pairs_above(similarity, margin, (pos_rows, pos_cols))
+    positive = pair_similarities(query, reference, pos_rows, pos_cols)
+    negative = pair_similarities(query, reference, neg_rows, neg_cols)
+    per_anchor = query.new_zeros(query.shape[0])
+    per_anchor = per_anchor.index_add(0, pos_rows, torch.where(positive < _SELF_SIMILARITY, 1 - positive, 0))
+    return per_anchor.index_add(0, neg_rows, torch.where(negative > margin, negative, 0))
 
 
 class CrossBatchLoss(nn.Module):
@@ -49,8 +143,12 @@ class CrossBatchLoss(nn.Module):
         memory_weight: :math:`w \ge 0`.
         start_step: number of calls (with ``update_memory=True``) before the memory is used and filled.
 
+    Bad input (shapes, NaN, an empty batch) raises before anything is written; under
+    ``torch.distributed`` (after the warm-up, when the batch is enqueued) every rank raises the same
+    :class:`~ssl_memory.distributed.DistributedInputError`. The loss is float32 under autocast.
+
     Shape:
-        - embeddings: (B, D), any scale (normalised inside); labels: (B,) integers
+        - embeddings: (B, D), any scale (normalised inside); labels: (B,) of any integer dtype
         - output: scalar; :meth:`terms` gives ``"batch"`` and ``"memory"``, (B,) each (the memory
           term is zeros before ``start_step``)
 
@@ -79,6 +177,14 @@ class CrossBatchLoss(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
+        """The loss of a batch; then, when ``update_memory``, the step is counted and (after the warm-up) enqueued.
+
+        Args:
+            embeddings: the batch's embeddings (any scale, any floating dtype).
+            labels: their class labels (any integer dtype).
+            update_memory: enqueue the batch and count the step; pass False for the micro-batches of
+                gradient accumulation and call :meth:`update_memory` once per optimiser step.
+        """
         terms = self.terms(embeddings, labels, update_memory=update_memory)
         return (terms["batch"] + self.memory_weight * terms["memory"]).mean()
 
@@ -87,49 +193,52 @@ class CrossBatchLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Per-anchor batch and memory terms; enqueues the batch and counts the step when ``update_memory``."""
         queue = self.queue
-        device = queue.slots.device
-        check_features("embeddings", embeddings, queue.dim, device)
-        check_index_vector("labels", labels, embeddings.shape[0], device)
-        if embeddings.shape[0] == 0:
-            raise ValueError("embeddings must hold at least one row, got shape (0, D)")
-
-        unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-        batch = self._pair_loss(unit @ unit.T, labels.unsqueeze(1) == labels.unsqueeze(0))
         memory_on = int(self.step) >= self.start_step
-        if memory_on and len(queue) > 0:
-            memory = self._memory_loss(unit, labels)
-        else:
-            memory = torch.zeros_like(batch)
+        error = first_failure(lambda: self._check(embeddings, labels))
+        if error is not None:
+            if update_memory and memory_on:  # the other ranks learn of it in the gather: every rank raises
+                queue.write(embeddings, labels, gather=True, error=error)
+            raise error
+        labels = labels.long()
+        with torch.autocast(embeddings.device.type, enabled=False):
+            unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+            batch = xbm_contrastive(unit, labels, unit, labels, self.margin)
+            if memory_on and len(queue) > 0:
+                memory = xbm_contrastive(unit, labels, queue.features.to(unit.dtype), queue.labels, self.margin)
+            else:
+                memory = torch.zeros_like(batch)
         if update_memory:
-            if memory_on:
-                queue.enqueue(unit.detach(), labels)
-            self.step += 1
+            self._write(unit.detach(), labels, memory_on)
         return {"batch": batch, "memory": memory}
 
-    def _pair_loss(self, similarity: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-        """research-xbm's contrastive loss of each anchor (row), summed over its references."""
-        cost = torch.where(same, 1 - similarity, similarity)
-        counted = torch.where(same, similarity < _SELF_SIMILARITY, similarity > self.margin)
-        return (cost * counted).sum(1)
+    @torch.no_grad()
+    def update_memory(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count a step and (after the warm-up) enqueue embeddings: what a forward with ``update_memory=True`` does.
 
-    def _memory_loss(self, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """:meth:`_pair_loss` against the memory, written so autograd keeps no (B, M) tensor.
-
-        Each counted pair adds ``1 - s`` or ``s``, so an anchor's loss is ``#positives + sum_m c_m s_m``
-        with ``c_m`` = -1 (counted positive), +1 (counted negative) or 0: linear in the anchor once
-        ``c`` is known, ``u . (c @ memory) + #positives``. ``c`` and ``c @ memory`` are computed without
-        gradient from the memory before this step's write, which also makes the later write safe.
+        Shape:
+            - embeddings: (B, D); labels: (B,)
         """
-        with torch.no_grad():
-            memory = self.queue.features.to(unit.dtype)
-            similarity = unit @ memory.T
-            same = labels.unsqueeze(1) == self.queue.labels.unsqueeze(0)
-            positive = same & (similarity < _SELF_SIMILARITY)
-            negative = ~same & (similarity > self.margin)
-            weights = negative.to(unit.dtype) - positive.to(unit.dtype)
-            direction = weights @ memory
-            positives = positive.sum(1).to(unit.dtype)
-        return torch.linalg.vecdot(unit, direction, dim=1) + positives
+        memory_on = int(self.step) >= self.start_step
+        error = first_failure(lambda: self._check(embeddings, labels))
+        if error is not None:
+            if memory_on:
+                self.queue.write(embeddings, labels, gather=True, error=error)  # raises, on every rank
+            raise error
+        unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+        self._write(unit, labels.long(), memory_on)
+
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        queue = self.queue
+        check_features("embeddings", embeddings, queue.dim, queue.slots.device)
+        check_index_vector("labels", labels, embeddings.shape[0], queue.slots.device)
+        if embeddings.shape[0] == 0:
+            raise ValueError("embeddings must hold at least one row, got shape (0, D)")
+        check_values("embeddings", embeddings)
+
+    def _write(self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool) -> None:
+        if memory_on:
+            self.queue.write(unit, labels, gather=True, error=None)
+        self.step += 1
 
     def extra_repr(self) -> str:
         return (

@@ -8,13 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import (
-    check_features,
-    check_index_vector,
-    check_non_negative_number,
-    check_positive_number,
-    check_range,
-)
+from .._validation import check_non_negative_number, check_positive_number, first_failure
 from ..bank import MemoryBank
 from .consistency import check_mode, consistency_from_log_probs
 
@@ -38,11 +32,11 @@ class MemoryBankLoss(nn.Module):
     sample moves towards the mean of its views (:meth:`MemoryBank.update`, no gradient), and a
     ``merger`` then gets one :meth:`step` on the updated bank.
 
-    The bank is read through :meth:`Memory.similarity` and written in the same forward: the read
-    records the rows that the write overwrites, so ``backward()`` afterwards uses the bank exactly
-    as it was read, without a copy of the bank. Merged positives are gathered from each row's
-    logits through a padded (R, G_max) index built by sorting ``memory.groups`` (cached until the
-    groups change); consistency reuses the discrimination's log-softmax: no second (R, N) product.
+    The bank is read through :meth:`MemoryBank.similarity`, which multiplies by a copy of the bank
+    when a gradient is needed, so writing it in the same forward is safe. Merged positives are
+    gathered from each row's logits through a padded (R, G_max) index built by sorting
+    ``memory.groups`` (cached until the groups change); consistency reuses the discrimination's
+    log-softmax: no second (R, N) product.
 
     Args:
         num_samples: N, the number of training samples (when the loss builds its bank).
@@ -59,9 +53,26 @@ class MemoryBankLoss(nn.Module):
         memory: an existing :class:`~ssl_memory.MemoryBank` to use instead of building one.
 
     Shape:
-        - embeddings: (R, D), any scale (normalised inside)
-        - indices: (R,), dataset indices in [0, N); equal indices mark views of one sample
+        - embeddings: (R, D), any scale (normalised inside), any floating dtype; the loss is float32
+          (computed with autocast off)
+        - indices: (R,), dataset indices in [0, N), any integer dtype; equal indices mark views of one sample
         - output: scalar; :meth:`terms` gives ``"discrimination"`` (R,) and ``"consistency"`` (scalar)
+
+    Bad input (a wrong shape, an index out of range, NaN) raises before anything is written; under
+    ``torch.distributed`` every rank then raises the same
+    :class:`~ssl_memory.distributed.DistributedInputError` and the next step works on every rank.
+
+    Gradient accumulation: call the loss with ``update_memory=False`` on each micro-batch and
+    :meth:`update_memory` once per optimiser step with all the micro-batches' detached embeddings;
+    the gradient and the memory are then those of one step on the whole batch::
+
+        >>> kept = []
+        >>> for views, indices in micro_batches:
+        ...     embeddings = model(views)
+        ...     (criterion(embeddings, indices, update_memory=False) / len(micro_batches)).backward()
+        ...     kept.append((embeddings.detach(), indices))
+        >>> criterion.update_memory(torch.cat([e for e, _ in kept]), torch.cat([i for _, i in kept]))
+        >>> optimizer.step()
 
     After each call, :attr:`last` holds detached 0-d tensors for logging (no device sync):
     ``"discrimination"`` (mean over rows), ``"consistency"``, ``"positive_prob"`` (the mean over rows
@@ -115,6 +126,15 @@ class MemoryBankLoss(nn.Module):
         self._members: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, embeddings: torch.Tensor, indices: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
+        """The loss of a batch; then, when ``update_memory``, the bank update and a merger step.
+
+        Args:
+            embeddings: the batch's embeddings (any scale, any floating dtype).
+            indices: their dataset indices (any integer dtype).
+            update_memory: write the batch into the bank (and step the merger) after computing the
+                loss. Pass False for the micro-batches of gradient accumulation and call
+                :meth:`update_memory` once per optimiser step with all of them.
+        """
         terms = self.terms(embeddings, indices, update_memory=update_memory)
         loss = terms["discrimination"].mean()
         if self.consistency_weight > 0:
@@ -126,35 +146,31 @@ class MemoryBankLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The unreduced parts of the loss; updates the memory (and steps the merger) when asked."""
         memory = self.memory
-        device = memory.features.device
-        check_features("embeddings", embeddings, memory.dim, device)
-        check_index_vector("indices", indices, embeddings.shape[0], device)
-        if embeddings.shape[0] == 0:
-            raise ValueError("embeddings must hold at least one row, got shape (0, D)")
-        check_range("indices", indices, memory.num_entries)
-
-        unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-        logits = memory.similarity(unit * (1.0 / self.temperature))
-        members = self._group_members()
-        if self.consistency_weight > 0:
-            log_probs = F.log_softmax(logits, dim=1)
-            consistency = consistency_from_log_probs(log_probs, indices, self.consistency_mode)
-            if members is None:
-                discrimination = -log_probs.gather(1, indices.unsqueeze(1)).squeeze(1)
+        error = first_failure(lambda: self._check(embeddings, indices))
+        if error is not None:
+            if update_memory:  # the other ranks learn of it in the gather: every rank raises together
+                memory.write(indices, embeddings, gather=True, error=error)
+            raise error
+        indices = indices.long()
+        with torch.autocast(embeddings.device.type, enabled=False):
+            unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+            logits = memory.similarity(unit * (1.0 / self.temperature))
+            members = self._group_members()
+            if self.consistency_weight > 0:
+                log_probs = F.log_softmax(logits, dim=1)
+                consistency = consistency_from_log_probs(log_probs, indices, self.consistency_mode)
+                if members is None:
+                    discrimination = -log_probs.gather(1, indices.unsqueeze(1)).squeeze(1)
+                else:
+                    discrimination = -_group_logsumexp(log_probs, indices, members)
             else:
-                discrimination = -_group_logsumexp(log_probs, indices, members)
-        else:
-            consistency = logits.new_zeros(())
-            if members is None:
-                discrimination = F.cross_entropy(logits, indices, reduction="none")
-            else:
-                discrimination = torch.logsumexp(logits, dim=1) - _group_logsumexp(logits, indices, members)
+                consistency = logits.new_zeros(())
+                if members is None:
+                    discrimination = F.cross_entropy(logits, indices, reduction="none")
+                else:
+                    discrimination = torch.logsumexp(logits, dim=1) - _group_logsumexp(logits, indices, members)
 
-        report = None
-        if update_memory:
-            memory.update(indices, unit.detach())
-            if self.merger is not None:
-                report = self.merger.step(memory)
+        report = self._write(unit.detach(), indices) if update_memory else None
         detached = discrimination.detach()
         self.last = {
             "discrimination": detached.mean(),
@@ -163,6 +179,32 @@ class MemoryBankLoss(nn.Module):
             "merge": report,
         }
         return {"discrimination": discrimination, "consistency": consistency}
+
+    @torch.no_grad()
+    def update_memory(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
+        """Write embeddings into the bank and step the merger: what a forward with ``update_memory=True`` does.
+
+        For gradient accumulation: run each micro-batch with ``update_memory=False``, keep its detached
+        embeddings and indices, and call this once per optimiser step with all of them. The bank and
+        the merger's schedule then end the step exactly as after one forward on the whole batch.
+
+        Shape:
+            - embeddings: (R, D); indices: (R,)
+        """
+        error = first_failure(lambda: self._check(embeddings, indices))
+        if error is not None:
+            self.memory.write(indices, embeddings, gather=True, error=error)  # raises, on every rank
+        unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+        self.last["merge"] = self._write(unit, indices.long())
+
+    def _check(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
+        self.memory.check(indices, embeddings, names=("indices", "embeddings"))
+        if embeddings.shape[0] == 0:
+            raise ValueError("embeddings must hold at least one row, got shape (0, D)")
+
+    def _write(self, unit: torch.Tensor, indices: torch.Tensor) -> Any:
+        self.memory.write(indices, unit, gather=True, error=None)
+        return self.merger.step(self.memory) if self.merger is not None else None
 
     def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Entries sorted by group, and for each entry where its group starts and how many it has.

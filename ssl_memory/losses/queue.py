@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_features, check_index_vector, check_positive_number
+from .._validation import check_features, check_index_vector, check_positive_number, check_values, first_failure
 from ..queue import Queue
 
 # id stored with keys enqueued without sample ids: matches no (non-negative) sample id
@@ -36,18 +36,24 @@ class QueueLoss(nn.Module):
     - ``mixer`` (a :class:`~ssl_memory.HardNegativeMixer`): its synthetic negatives :math:`h`, built
       from each query's own hardest negatives, join that query's denominator (no gradient through them).
 
-    The queue is read through :meth:`Memory.similarity` and written in the same forward; the read
-    records the slots the write overwrites, so ``backward()`` sees the queue as read, without the copy
-    of the whole queue MoCo makes each step.
+    The queue is read through :meth:`Queue.similarity` (a copy of the queue when a gradient is
+    needed, as MoCo clones it), so writing it in the same forward is safe. Bad input (shapes, a NaN
+    query or key, a negative index) raises before anything is enqueued; under ``torch.distributed``
+    every rank raises the same :class:`~ssl_memory.distributed.DistributedInputError` and the next
+    step works on every rank. The loss is float32 under autocast.
+
+    Gradient accumulation: call the loss with ``update_memory=False`` on each micro-batch and
+    :meth:`update_memory` once per optimiser step with all the micro-batches' keys (and indices),
+    as in :class:`~ssl_memory.MemoryBankLoss`.
 
     Args:
         size: queue capacity M.
         dim: embedding width D.
         temperature: :math:`\tau` (0.07 in MoCo v1, 0.2 in v2).
-        mixer: optional :class:`~ssl_memory.HardNegativeMixer` (or any callable with its signature).
+        mixer: optional :class:`~ssl_memory.HardNegativeMixer` (or any object with its ``similarities``).
 
     Shape:
-        - query: (B, D); key: (B, D); indices: (B,) non-negative integers, optional
+        - query: (B, D); key: (B, D); indices: (B,) non-negative integers of any integer dtype, optional
         - output: scalar; :meth:`terms` gives ``"contrastive"`` (B,)
 
     Example::
@@ -65,8 +71,8 @@ class QueueLoss(nn.Module):
     def __init__(self, size: int = 65536, dim: int = 128, temperature: float = 0.2, mixer: Any = None) -> None:
         super().__init__()
         check_positive_number("temperature", temperature)
-        if mixer is not None and not callable(mixer):
-            raise TypeError(f"mixer must be a HardNegativeMixer or a callable, got {type(mixer).__name__}")
+        if mixer is not None and not callable(getattr(mixer, "similarities", None)):
+            raise TypeError(f"mixer must be a HardNegativeMixer (with `similarities`), got {type(mixer).__name__}")
         self.queue = Queue(size, dim, labelled=True)
         self.temperature = float(temperature)
         self.mixer = mixer
@@ -74,6 +80,15 @@ class QueueLoss(nn.Module):
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None = None, update_memory: bool = True
     ) -> torch.Tensor:
+        """The loss of a batch; then, when ``update_memory``, the keys are enqueued.
+
+        Args:
+            query: the queries (any scale, any floating dtype).
+            key: one key per query, a target (detached).
+            indices: the queries' dataset ids, optional (any integer dtype).
+            update_memory: enqueue the keys after computing the loss; pass False for the micro-batches
+                of gradient accumulation and call :meth:`update_memory` once per optimiser step.
+        """
         return self.terms(query, key, indices, update_memory=update_memory)["contrastive"].mean()
 
     def terms(
@@ -81,43 +96,67 @@ class QueueLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The per-query loss; enqueues the keys when ``update_memory``."""
         queue = self.queue
+        error = first_failure(lambda: self._check(query, key, indices))
+        if error is not None:
+            if update_memory:  # the other ranks learn of it in the gather: every rank raises together
+                queue.write(key, indices, gather=True, error=error)
+            raise error
+
         device = queue.slots.device
-        check_features("query", query, queue.dim, device)
-        check_features("key", key, queue.dim, device)
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        with torch.autocast(device.type, enabled=False):
+            q = F.normalize(query.to(dtype), dim=1)
+            k = F.normalize(key.detach().to(dtype), dim=1)
+            scaled = q * (1.0 / self.temperature)  # scaling the (B, D) query spares an op on (B, M)
+            positive = (scaled * k).sum(1, keepdim=True)
+            if len(queue) > 0:
+                negatives, table = queue.similarity(scaled), queue.features
+                if indices is not None:
+                    own = queue.labels.unsqueeze(0) == indices.long().unsqueeze(1)
+                    negatives = negatives.masked_fill(own, float("-inf"))
+            else:
+                negatives, table = scaled @ k.T, k
+                own = torch.eye(k.shape[0], dtype=torch.bool, device=device)
+                if indices is not None:
+                    own |= indices.unsqueeze(0) == indices.unsqueeze(1)
+                negatives = negatives.masked_fill(own, float("-inf"))
+            parts = [positive, negatives]
+            if self.mixer is not None:
+                parts.append(self.mixer.similarities(scaled, table, negatives))  # -inf for a query without negatives
+            logits = torch.cat(parts, dim=1)
+            contrastive = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
+
+        if update_memory:
+            self._enqueue(k, indices)
+        return {"contrastive": contrastive}
+
+    @torch.no_grad()
+    def update_memory(self, key: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Enqueue keys (normalised): what a forward with ``update_memory=True`` does after its loss.
+
+        Shape:
+            - key: (B, D); indices: (B,), optional
+        """
+        error = first_failure(lambda: self._check(key, key, indices))
+        if error is not None:
+            self.queue.write(key, indices, gather=True, error=error)  # raises, on every rank
+        self._enqueue(F.normalize(key.to(torch.promote_types(key.dtype, torch.float32)), dim=1), indices)
+
+    def _check(self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None) -> None:
+        device, dim = self.queue.slots.device, self.queue.dim
+        check_features("query", query, dim, device)
+        check_features("key", key, dim, device)
         if key.shape[0] != query.shape[0]:
             raise ValueError(f"key must have one row per query: query is {tuple(query.shape)}, key {tuple(key.shape)}")
         if query.shape[0] == 0:
             raise ValueError("query must hold at least one row, got shape (0, D)")
         if indices is not None:
             check_index_vector("indices", indices, query.shape[0], device)
-            if int(indices.min()) < 0:
-                raise ValueError(f"indices must be non-negative sample ids, got minimum {int(indices.min())}")
+        check_values("query, key", query, key, indices=indices)
 
-        dtype = torch.promote_types(query.dtype, torch.float32)
-        q = F.normalize(query.to(dtype), dim=1)
-        k = F.normalize(key.detach().to(dtype), dim=1)
-        scaled = q * (1.0 / self.temperature)  # scaling the (B, D) query spares an op on (B, M)
-        positive = (scaled * k).sum(1, keepdim=True)
-        if len(queue) > 0:
-            negatives, table = queue.similarity(scaled), queue.features
-            if indices is not None:
-                negatives = negatives.masked_fill(queue.labels.unsqueeze(0) == indices.unsqueeze(1), float("-inf"))
-        else:
-            negatives, table = scaled @ k.T, k
-            own = torch.eye(k.shape[0], dtype=torch.bool, device=device)
-            if indices is not None:
-                own |= indices.unsqueeze(0) == indices.unsqueeze(1)
-            negatives = negatives.masked_fill(own, float("-inf"))
-        parts = [positive, negatives]
-        if self.mixer is not None:
-            parts.append(self.mixer.similarities(scaled, table, negatives))  # -inf for a query without negatives
-        logits = torch.cat(parts, dim=1)
-        contrastive = F.cross_entropy(logits, torch.zeros_like(logits[:, 0], dtype=torch.long), reduction="none")
-
-        if update_memory:
-            ids = indices if indices is not None else torch.full_like(k[:, 0], _NO_ID, dtype=torch.long)
-            queue.enqueue(k, ids)
-        return {"contrastive": contrastive}
+    def _enqueue(self, unit_keys: torch.Tensor, indices: torch.Tensor | None) -> None:
+        ids = indices if indices is not None else unit_keys.new_full((unit_keys.shape[0],), _NO_ID, dtype=torch.long)
+        self.queue.write(unit_keys.detach(), ids, gather=True, error=None)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

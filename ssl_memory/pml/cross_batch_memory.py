@@ -1,119 +1,106 @@
-"""A drop-in for PML's ``losses.CrossBatchMemory``: dense matrix products and resumable state."""
+"""A drop-in for PML's ``losses.CrossBatchMemory``: dense losses, resumable state, warm-up, rank-ordered memory."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .._validation import check_features, check_index_vector, check_positive_int
-from ..queue import Queue
+from .._validation import check_features, check_index_vector, check_non_negative_int, check_positive_int
 from . import dense
+from .distributed import pml_gather_order
+from .triplet_swap import swap_triplet_loss
 
 
-def _drop_self_pairs(indices_tuple: tuple, own_slots: torch.Tensor) -> tuple:
-    """Remove the pairs (anchor i, memory slot of row i itself) from a pair or triplet tuple."""
+def _drop_self_pairs(indices_tuple: tuple, self_refs: torch.Tensor) -> tuple:
+    """Remove the pairs (anchor i, reference row of i itself) from a pair or triplet tuple."""
     anchors, others = indices_tuple[0], indices_tuple[1]
-    keep = others != own_slots[anchors]
+    keep = others != self_refs[anchors]
     if len(indices_tuple) == 3:
         return tuple(x[keep] for x in indices_tuple)
     return anchors[keep], others[keep], indices_tuple[2], indices_tuple[3]
 
 
 class CrossBatchMemory(pml_losses.CrossBatchMemory):
-    r"""PML's ``CrossBatchMemory`` with the loss computed by dense matrix products, on a :class:`~ssl_memory.Queue`.
+    r"""PML's ``CrossBatchMemory``, computing its loss from the dense (B, M) similarities, and resumable.
 
-    Same constructor, ``forward`` and semantics as ``pytorch_metric_learning.losses.CrossBatchMemory``
-    (it subclasses it, so ``DistributedLossWrapper`` accepts it): the rows to remember are enqueued
-    first, then the loss compares the queries with the whole memory, the batch included.
-    Without ``enqueue_mask`` every row is both a query and enqueued, and a row's pair with its own
-    memory slot is dropped; with it, rows where the mask is True only go to the memory and the others
-    are only queries (MoCo: keys enqueued, queries scored).
+    Same constructor, ``forward``, attributes and semantics as PML 2.9's
+    ``pytorch_metric_learning.losses.CrossBatchMemory`` (it subclasses it, so PML's
+    ``DistributedLossWrapper`` and trainers accept it): the rows to remember are enqueued first,
+    then the loss compares the queries with the whole memory, the batch included. Without
+    ``enqueue_mask`` every row is both a query and enqueued, and a row's pair with its own memory
+    slot is dropped; with it, rows where the mask is True only go to the memory and the others are
+    only queries (MoCo: keys enqueued, queries scored). ``embedding_memory`` and ``label_memory``
+    hold exactly what was enqueued; they follow the embeddings' device and dtype (and the labels'
+    dtype) at each call, and may be assigned; ``queue_idx`` and ``has_been_filled`` are plain
+    attributes; ``add_to_memory`` and ``reset_queue`` are PML's.
 
-    For ``NTXentLoss``, ``SupConLoss`` and ``ContrastiveLoss`` (see :func:`ssl_memory.pml.dense.supports`
-    for the distances and reducers covered), with no miner and no ``indices_tuple``, the loss is
-    computed from one (B, M) similarity matrix and the list of equal-label pairs instead of PML's index
-    tensors over all pairs: the same values and gradients, hundreds of times faster with a large
-    memory (PML's NTXentLoss builds a positives x negatives matrix). The memory is read through
-    :meth:`Queue.similarity`, so several forwards may precede one backward (gradient accumulation).
-    Any other loss, a miner or an ``indices_tuple`` runs PML's own computation on this memory.
+    With no miner and no ``indices_tuple``, NTXentLoss, SupConLoss, ContrastiveLoss,
+    MultiSimilarityLoss and TripletMarginLoss (see :func:`ssl_memory.pml.dense.supports` for the
+    distances and reducers covered) are computed from one (B, M) similarity matrix instead of PML's
+    index tensors over all pairs or triplets: the same values and gradients, in a fraction of the
+    time and memory. Every other loss in :meth:`supported_losses`, a miner or an ``indices_tuple``
+    runs PML's own computation on this memory.
 
-    Differences from PML's class, all deliberate:
+    Beyond PML:
 
-    - The memory, its labels, pointer and fill count are buffers of :attr:`queue`, so ``state_dict()``
-      resumes exactly (PML keeps the pointer and fill flag as plain attributes). The memory follows
-      the embeddings' device, and their dtype promoted to at least float32 (PML stores float16 under AMP).
-    - When every consumer of the memory normalises (the loss is one of the three above with a
-      normalising distance, and so is the miner's distance, if any; decided at construction), rows
-      are stored L2-normalised (:attr:`unit_rows`); nothing PML computes from them changes.
+    - ``start_step``: no memory term for the first ``start_step`` calls (XBM's warm-up, PML #478):
+      the loss compares the batch with itself (or the queries with this batch's keys) and nothing is
+      enqueued.
+    - ``state_dict()`` also holds ``queue_idx``, ``has_been_filled`` and the call count (as extra
+      state), so a resumed run continues exactly; PML loses them. A state_dict saved by PML's class
+      loads too. It has no pointer, so the rows up to its last non-zero row are taken as the filled
+      ones, the next write going after them, and a memory without a zero row is taken as full with
+      the next write at slot 0 (where PML's pointer is whenever the rows written so far are a
+      multiple of ``memory_size``); assign ``queue_idx`` after loading if you know better. A
+      checkpoint of ours loads into PML's class with ``strict=False``.
+    - Under PML's ``DistributedLossWrapper`` the gathered rows are enqueued in rank order, so every
+      rank holds the same memory (PML's wrapper gathers each rank's own rows first, PML #639). With
+      :class:`~ssl_memory.pml.DistributedLossWrapper`, ``efficient=True`` works too (PML #448).
+    - ``TripletMarginLoss(swap=True)`` takes the positive-negative distance between the two memory
+      rows (PML 2.9 indexes the batch with memory slots: wrong values on the first call, an
+      IndexError from the second, PML #748).
     - A user ``indices_tuple`` indexes the batch; its positives and negatives are mapped to the memory
       slots where the batch was written (PML 2.9 appends them unshifted, as if they were slots).
-    - A batch of one row drops its self-pair too (PML 2.9 keeps it).
-    - An ``enqueue_mask`` with no True entry leaves the memory as it is (PML 2.9 then marks its memory
-      full and scores the zero rows of unfilled slots).
-    - NTXentLoss's per-pair loss is computed as a softplus, without PML's ``+ tiny`` inside the
+    - A batch of one row drops its self-pair too (PML 2.9 keeps it); an ``enqueue_mask`` with no True
+      entry leaves the memory as it is (PML 2.9 then marks its memory full and scores the zero rows of
+      unfilled slots); more masked rows than ``memory_size`` keep the newest.
+    - On the dense path the loss is computed in float32 (or wider) and returned in the embeddings'
+      dtype; NTXentLoss's per-pair loss is a softplus, without PML's ``+ tiny`` inside the
       logarithm, which caps a pair's loss near 87 (float32) for extreme logits.
-    - Labels must be integers, and non-finite embeddings raise ``ValueError`` before anything is written.
-    - Under ``torch.distributed`` nothing is gathered here, as in PML: wrap it in
-      ``DistributedLossWrapper``, which passes every rank's batch.
+    - Labels must be integers, and non-finite embeddings raise ``ValueError`` before anything is
+      written.
 
     Args:
         loss: a PML loss from :meth:`supported_losses`.
         embedding_size: embedding width D.
         memory_size: number of rows M kept.
         miner: optional PML miner, called as ``miner(queries, labels, memory, memory_labels)``.
+        start_step: calls before the memory is used and filled (0: from the first call).
 
     Shape:
         - embeddings: (B, D); labels: (B,) integers; enqueue_mask: (B,) bool.
-        - output: scalar.
+        - output: scalar, in the embeddings' dtype.
 
     Example::
 
-        >>> criterion = CrossBatchMemory(NTXentLoss(temperature=0.07), 128, memory_size=4096)
-        >>> q, k = F.normalize(torch.randn(256, 128), dim=1), F.normalize(torch.randn(256, 128), dim=1)
-        >>> labels = torch.arange(256).repeat(2) + 1 + int(criterion.label_memory.max())
-        >>> mask = torch.arange(512) >= 256  # keys go to the memory, queries are scored
-        >>> loss = criterion(torch.cat([q, k]), labels, enqueue_mask=mask)
+        >>> criterion = CrossBatchMemory(ContrastiveLoss(pos_margin=1, neg_margin=0.5), 128, memory_size=8192)
+        >>> loss = criterion(embeddings, labels)
+        >>> loss.backward()
     """
 
-    queue: Queue
-
-    def __init__(self, loss, embedding_size: int, memory_size: int = 1024, miner=None, **kwargs) -> None:
+    def __init__(
+        self, loss, embedding_size: int, memory_size: int = 1024, miner=None, start_step: int = 0, **kwargs: Any
+    ) -> None:
         check_positive_int("embedding_size", embedding_size)
         check_positive_int("memory_size", memory_size)
+        check_non_negative_int("start_step", start_step)
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
-        self.unit_rows = type(loss) in dense.DENSE_LOSSES and dense.distance_normalises(loss)
-        if miner is not None:
-            self.unit_rows = self.unit_rows and dense.distance_normalises(miner)
-
-    def reset_queue(self) -> None:
-        """Empty the memory (PML's method; also called once by PML's constructor)."""
-        if "queue" in self._modules:
-            self.queue.reset()
-        else:
-            self.queue = Queue(self.memory_size, self.embedding_size, labelled=True)
-
-    @property
-    def embedding_memory(self) -> torch.Tensor:
-        """All ``memory_size`` rows, unfilled ones zero (PML's attribute)."""
-        return self.queue.slots
-
-    @property
-    def label_memory(self) -> torch.Tensor:
-        """All ``memory_size`` labels, unfilled ones zero (PML's attribute)."""
-        return self.queue.slot_labels
-
-    @property
-    def queue_idx(self) -> int:
-        """The slot the next row goes to (PML's attribute)."""
-        return int(self.queue.pointer)
-
-    @property
-    def has_been_filled(self) -> bool:
-        """Whether every slot holds a row (PML's attribute)."""
-        return self.queue.is_full
+        self.start_step = start_step
+        self.step = 0
 
     def forward(
         self,
@@ -122,6 +109,57 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         indices_tuple: tuple | None = None,
         enqueue_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        labels, enqueue_mask = self._checked(embeddings, labels, indices_tuple, enqueue_mask)
+        order = pml_gather_order(self, embeddings.shape[0])
+        if order is not None:  # PML's wrapper put this rank's rows first: restore rank order
+            order = order.to(embeddings.device)
+            embeddings, labels = embeddings[order], labels[order]
+            enqueue_mask = None if enqueue_mask is None else enqueue_mask[order]
+            if indices_tuple is not None:
+                position = torch.empty_like(order)
+                position[order] = torch.arange(order.numel(), device=order.device)
+                indices_tuple = tuple(position[c_f.to_device(x, order)] for x in indices_tuple)
+        own_rows = (embeddings, labels, enqueue_mask)
+        return self._forward_rows(embeddings, labels, indices_tuple, enqueue_mask, own_rows, 0)
+
+    def forward_shared(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None,
+        enqueue_mask: torch.Tensor | None,
+        gathered: list[torch.Tensor],
+        offset: int,
+    ) -> torch.Tensor:
+        """This rank's queries against a memory that receives every rank's rows (``efficient=True``).
+
+        Called by :class:`~ssl_memory.pml.DistributedLossWrapper` with ``gathered`` (every rank's
+        embeddings, labels and enqueue mask, in rank order) and ``offset``, where this rank's rows
+        start in them.
+        """
+        labels, enqueue_mask = self._checked(embeddings, labels, indices_tuple, enqueue_mask)
+        every_rank = [x.to(embeddings.device) for x in gathered] + [None] * (3 - len(gathered))
+        return self._forward_rows(embeddings, labels, indices_tuple, enqueue_mask, every_rank, offset)
+
+    def _forward_rows(self, embeddings, labels, indices_tuple, enqueue_mask, every_rank, offset) -> torch.Tensor:
+        """This process's queries against a memory that receives ``every_rank``'s (embeddings, labels, mask):
+        this process's own rows, or every rank's under ``efficient=True`` (this rank's from ``offset`` on)."""
+        all_embeddings, all_labels, all_mask = every_rank
+        self.reset_stats()
+        self._follow(embeddings, labels)
+        if enqueue_mask is None:
+            if all_embeddings.shape[0] > self.memory_size:
+                raise ValueError(
+                    f"without enqueue_mask the batch must fit in the memory: got {all_embeddings.shape[0]} rows "
+                    f"for memory_size={self.memory_size}"
+                )
+            own = offset + torch.arange(embeddings.shape[0], device=embeddings.device)
+            return self._step(embeddings, labels, all_embeddings, all_labels, own, indices_tuple)
+        keep = ~enqueue_mask
+        return self._step(embeddings[keep], labels[keep], all_embeddings[all_mask], all_labels[all_mask], None, None)
+
+    def _checked(self, embeddings, labels, indices_tuple, enqueue_mask):
+        """Validate the inputs; return the labels and mask on the embeddings' device."""
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
         check_features("embeddings", embeddings, self.embedding_size, embeddings.device)
@@ -134,31 +172,76 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
                     f"enqueue_mask must be a bool tensor of shape ({labels.shape[0]},), "
                     f"got {enqueue_mask.dtype} of shape {tuple(enqueue_mask.shape)}"
                 )
-        elif embeddings.shape[0] > self.memory_size:
-            raise ValueError(
-                f"without enqueue_mask the batch must fit in the memory: got {embeddings.shape[0]} rows "
-                f"for memory_size={self.memory_size}"
-            )
-        self.reset_stats()
-        self._follow(embeddings)
+        return labels, enqueue_mask
 
-        if enqueue_mask is not None:
-            keys, key_labels = embeddings[enqueue_mask], labels[enqueue_mask]
-            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+    def _follow(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Move the memory to the embeddings' device and dtype, and its labels to the labels' dtype, as PML does."""
+        self.embedding_memory = c_f.to_device(self.embedding_memory, device=embeddings.device, dtype=embeddings.dtype)
+        self.label_memory = c_f.to_device(self.label_memory, device=embeddings.device, dtype=labels.dtype)
+
+    def _step(self, queries, query_labels, keys, key_labels, own, indices_tuple) -> torch.Tensor:
+        """Enqueue ``keys`` and score ``queries`` against the memory (or, in the warm-up, against ``keys``).
+
+        ``own[i]``, when given, is the position in ``keys`` of query ``i``'s own row, whose pair is dropped.
+        """
+        if self.step < self.start_step:
+            self.step += 1
+            if own is not None and keys is queries:  # the batch against itself: PML's plain loss
+                return self.loss(queries, query_labels, self._mined_with(queries, query_labels, indices_tuple))
+            pairs = self._pairs(queries, query_labels, keys, key_labels, indices_tuple, own)
+            return self._loss(queries, query_labels, pairs, keys, key_labels)
+        self._enqueue(keys, key_labels)  # raises before writing anything if a row is not finite
+        self.step += 1
+        memory, memory_labels = self._contents()
+        self_slots = None if own is None else self.curr_batch_idx[own]
+        if self.miner is None and indices_tuple is None and dense.supports(self.loss):
+            return dense.memory_loss(self.loss, queries, query_labels, memory, memory_labels, self_slots)
+        if torch.is_grad_enabled():  # PML's loss keeps the rows for its backward; the next write is in place
+            memory = memory.clone()
+        pairs = self._pairs(queries, query_labels, memory, memory_labels, indices_tuple, self_slots)
+        return self._loss(queries, query_labels, pairs, memory, memory_labels)
+
+    def _mined_with(self, embeddings, labels, indices_tuple):
+        """The miner's tuples within the batch, with the caller's, as PML's plain loss would get them."""
+        if self.miner is None:
+            return indices_tuple
+        mined = self.miner(embeddings, labels)
+        return mined if indices_tuple is None else self._joined(mined, indices_tuple, labels, None)
+
+    def _pairs(self, queries, labels, references, ref_labels, indices_tuple, self_refs) -> tuple:
+        """The miner's (or all) pairs of queries and references, without self-pairs, plus the caller's.
+
+        ``self_refs[i]`` is the reference row holding query ``i`` itself; the caller's ``indices_tuple``
+        indexes the batch, and its positives and negatives are mapped to those rows.
+        """
+        if self.miner is not None:
+            pairs = self.miner(queries, labels, references, ref_labels)
         else:
-            keys, key_labels = embeddings, labels
-        self.curr_batch_idx = self._enqueue(keys, key_labels)
-        own_slots = None if enqueue_mask is not None else self.curr_batch_idx
+            pairs = lmu.get_all_pairs_indices(labels, ref_labels)
+        if self_refs is not None:
+            pairs = _drop_self_pairs(pairs, self_refs)
+        if indices_tuple is None:
+            return pairs
+        return self._joined(pairs, indices_tuple, labels, self_refs)
 
-        if self.miner is None and indices_tuple is None and self.unit_rows and dense.supports(self.loss):
-            return dense.memory_loss(self.loss, embeddings, labels, self.queue, own_slots)
-        memory, memory_labels = self.queue.features, self.queue.labels
-        if memory.dtype != embeddings.dtype:
-            memory = memory.to(embeddings.dtype)
-        indices_tuple = self.create_indices_tuple(
-            embeddings, labels, memory, memory_labels, indices_tuple, own_slots is not None
+    @staticmethod
+    def _joined(pairs, indices_tuple, labels, self_refs):
+        if len(indices_tuple) == 3 and len(pairs) == 4:
+            indices_tuple = lmu.convert_to_pairs(indices_tuple, labels)
+        elif len(indices_tuple) == 4 and len(pairs) == 3:
+            indices_tuple = lmu.convert_to_triplets(indices_tuple, labels)
+        device = labels.device
+        anchor_positions = (0,) if len(indices_tuple) == 3 else (0, 2)
+        indices_tuple = tuple(
+            c_f.to_device(x, device=device) if i in anchor_positions or self_refs is None else self_refs[x.to(device)]
+            for i, x in enumerate(indices_tuple)
         )
-        return self.loss(embeddings, labels, indices_tuple, memory, memory_labels)
+        return c_f.concatenate_indices_tuples(pairs, indices_tuple)
+
+    def _loss(self, queries, labels, pairs, references, ref_labels) -> torch.Tensor:
+        if isinstance(self.loss, pml_losses.TripletMarginLoss) and self.loss.swap:
+            return swap_triplet_loss(self.loss, queries, labels, pairs, references, ref_labels)
+        return self.loss(queries, labels, pairs, references, ref_labels)
 
     def create_indices_tuple(
         self,
@@ -169,45 +252,70 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         input_indices_tuple: tuple | None,
         do_remove_self_comparisons: bool,
     ) -> tuple:
-        """The miner's (or all) pairs against the memory, plus ``input_indices_tuple`` mapped to memory slots."""
-        if self.miner is not None:
-            indices_tuple = self.miner(embeddings, labels, E_mem, L_mem)
-        else:
-            indices_tuple = lmu.get_all_pairs_indices(labels, L_mem)
-        if do_remove_self_comparisons:
-            indices_tuple = _drop_self_pairs(indices_tuple, self.curr_batch_idx)
-        if input_indices_tuple is None:
-            return indices_tuple
-        if len(input_indices_tuple) == 3 and len(indices_tuple) == 4:
-            input_indices_tuple = lmu.convert_to_pairs(input_indices_tuple, labels)
-        elif len(input_indices_tuple) == 4 and len(indices_tuple) == 3:
-            input_indices_tuple = lmu.convert_to_triplets(input_indices_tuple, labels)
-        slots = self.curr_batch_idx
-        anchor_positions = (0,) if len(input_indices_tuple) == 3 else (0, 2)
-        shifted = tuple(
-            x if i in anchor_positions else slots[c_f.to_device(x, slots)] for i, x in enumerate(input_indices_tuple)
-        )
-        return c_f.concatenate_indices_tuples(indices_tuple, shifted)
-
-    def _follow(self, embeddings: torch.Tensor) -> None:
-        """Move the memory to the embeddings' device and (at least float32) dtype, as PML does each step."""
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        if self.queue.slots.device != embeddings.device or self.queue.slots.dtype != dtype:
-            self.queue.to(device=embeddings.device, dtype=dtype)
+        """PML's method: the miner's (or all) pairs against the memory, plus ``input_indices_tuple`` mapped to slots."""
+        self_slots = self.curr_batch_idx if do_remove_self_comparisons else None
+        return self._pairs(embeddings, labels, E_mem, L_mem, input_indices_tuple, self_slots)
 
     @torch.no_grad()
-    def _enqueue(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Write this process's rows (no gathering: under DDP, DistributedLossWrapper already did) and
-        return the slot of each row; rows beyond ``memory_size`` keep only the newest ones, whose slots are returned."""
-        queue = self.queue
-        rows, labels = rows.detach()[-queue.size :], labels[-queue.size :]
-        if not bool(torch.isfinite(rows).all()):
+    def _enqueue(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write this process's rows (no gathering: under DDP the wrapper already did); only the newest
+        ``memory_size`` can survive. Sets ``curr_batch_idx`` to the slots of the rows written."""
+        rows, labels = rows.detach()[-self.memory_size :], labels[-self.memory_size :]
+        self.add_to_memory(rows, labels, rows.shape[0])
+
+    @torch.no_grad()
+    def add_to_memory(self, embeddings: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+        """PML's method: write ``batch_size`` rows at ``queue_idx`` (wrapping), set ``curr_batch_idx`` to their slots.
+
+        Unlike PML's, non-finite rows raise before anything is written, no rows change nothing (PML
+        marks the memory full), and more rows than ``memory_size`` keep the newest.
+        """
+        if not bool(torch.isfinite(embeddings).all()):
             raise ValueError("embeddings contain NaN or infinite values; the memory was left unchanged")
-        if self.unit_rows:
-            rows = F.normalize(rows, dim=1)
-        slots = queue.next_slots(rows.shape[0])
-        queue.enqueue(rows, labels.to(torch.long), gather=False)
-        return slots
+        embeddings, labels = embeddings[-self.memory_size :], labels[-self.memory_size :]
+        batch_size = min(batch_size, self.memory_size)
+        slots = torch.arange(self.queue_idx, self.queue_idx + batch_size, device=labels.device) % self.memory_size
+        self.curr_batch_idx = slots
+        if batch_size == 0:
+            return
+        self.embedding_memory[slots] = embeddings.detach()
+        self.label_memory[slots] = labels.detach()
+        previous = self.queue_idx
+        self.queue_idx = (self.queue_idx + batch_size) % self.memory_size
+        if self.queue_idx <= previous:
+            self.has_been_filled = True
+
+    def _contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled rows and their labels (views)."""
+        if self.has_been_filled:
+            return self.embedding_memory, self.label_memory
+        return self.embedding_memory[: self.queue_idx], self.label_memory[: self.queue_idx]
+
+    @property
+    def num_filled(self) -> int:
+        """How many rows the memory holds."""
+        return self.memory_size if self.has_been_filled else int(self.queue_idx)
+
+    def get_extra_state(self) -> dict:
+        return {"queue_idx": int(self.queue_idx), "has_been_filled": bool(self.has_been_filled), "step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.queue_idx, self.has_been_filled, self.step = state["queue_idx"], state["has_been_filled"], state["step"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        memory = state_dict.get(prefix + "embedding_memory")
+        for name in ("embedding_memory", "label_memory"):  # take the saved dtype, as the saving run had it
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor) and saved.dtype != getattr(self, name).dtype:
+                setattr(self, name, getattr(self, name).to(saved.dtype))
+        if prefix + "_extra_state" not in state_dict and isinstance(memory, torch.Tensor):
+            # saved by PML's class: no pointer (see the class docstring for what is assumed)
+            filled = (memory != 0).any(dim=1).nonzero()
+            end = int(filled.max()) + 1 if filled.numel() else 0
+            full = end == memory.shape[0]
+            state = {"queue_idx": 0 if full else end, "has_been_filled": full, "step": self.start_step if end else 0}
+            state_dict[prefix + "_extra_state"] = state
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
-        return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, unit_rows={self.unit_rows}"
+        return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, start_step={self.start_step}"

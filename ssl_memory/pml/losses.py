@@ -1,6 +1,10 @@
 """Our memory losses behind PML's loss API: ``BaseMetricLossFunction`` subclasses with reducers and records.
 
-Each wraps the core loss of :mod:`ssl_memory.losses` and maps its ``terms(...)`` to PML sub-losses:
+``PMLMemoryBankLoss`` and ``PMLQueueLoss`` wrap :class:`ssl_memory.MemoryBankLoss` and
+:class:`ssl_memory.QueueLoss` (the ``PML`` prefix keeps each name to one class). XBM needs no
+wrapper: PML's own recipe, ``CrossBatchMemory(ContrastiveLoss(...))``, runs on the drop-in
+:class:`~ssl_memory.pml.CrossBatchMemory`, warm-up included. Each wrapper maps the core loss's
+``terms(...)`` to PML sub-losses:
 per-row terms as ``"element"`` losses, scalars as ``"already_reduced"``. PML's reducer then reduces
 each, and the default (a ``MeanReducer`` per term, summed) gives exactly the core loss's value.
 The losses are defined on cosine similarities of L2-normalised embeddings, so the only ``distance``
@@ -40,7 +44,7 @@ def _rows(values: torch.Tensor) -> torch.Tensor:
 
 
 class _CoreLoss(BaseMetricLossFunction):
-    """What the three wrappers share: the distance check, the sub-loss dict and the stats."""
+    """What the wrappers share: the distance check, the sub-loss dict and the stats."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -56,7 +60,7 @@ class _CoreLoss(BaseMetricLossFunction):
                 setattr(self, name, float(value))
 
 
-class MemoryBankLoss(_CoreLoss):
+class PMLMemoryBankLoss(_CoreLoss):
     r""":class:`ssl_memory.MemoryBankLoss` as a PML loss: instance discrimination against a memory bank.
 
     ``labels`` are the samples' dataset indices (rows sharing one are views of one sample), not
@@ -81,7 +85,7 @@ class MemoryBankLoss(_CoreLoss):
 
     Example::
 
-        >>> loss_fn = MemoryBankLoss(num_samples=len(dataset), dim=128, consistency_weight=1.0)
+        >>> loss_fn = PMLMemoryBankLoss(num_samples=len(dataset), dim=128, consistency_weight=1.0)
         >>> loss = loss_fn(model(batch["views"]), batch["indices"])
     """
 
@@ -145,7 +149,7 @@ class MemoryBankLoss(_CoreLoss):
         }
 
 
-class QueueLoss(_CoreLoss):
+class PMLQueueLoss(_CoreLoss):
     r""":class:`ssl_memory.QueueLoss` (MoCo) as a PML loss: ``embeddings`` are the queries, ``ref_emb`` their keys.
 
     Row ``b`` of ``ref_emb`` is the key (positive) of query ``b``; the keys are detached and
@@ -168,7 +172,7 @@ class QueueLoss(_CoreLoss):
 
     Example::
 
-        >>> loss_fn = QueueLoss(size=65536, dim=128, temperature=0.2)
+        >>> loss_fn = PMLQueueLoss(size=65536, dim=128, temperature=0.2)
         >>> loss = loss_fn(encoder(view_1), ref_emb=momentum_encoder(view_2).detach())
     """
 
@@ -194,75 +198,9 @@ class QueueLoss(_CoreLoss):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.indices_tuple_not_supported(indices_tuple)
         if ref_emb is embeddings:
-            raise ValueError("QueueLoss needs the keys as ref_emb: loss_fn(queries, labels, ref_emb=keys)")
+            raise ValueError("PMLQueueLoss needs the keys as ref_emb: loss_fn(queries, labels, ref_emb=keys)")
         if ref_labels is not None and (labels is None or not torch.equal(ref_labels, labels)):
             raise ValueError("ref_labels must be None or equal to labels: a key shares its query's sample id")
         self._record(queue_fill=len(self.queue))
         contrastive = self.criterion.terms(embeddings, ref_emb, labels)["contrastive"]
         return {"contrastive": {"losses": contrastive, "indices": _rows(contrastive), "reduction_type": "element"}}
-
-
-class CrossBatchLoss(_CoreLoss):
-    r""":class:`ssl_memory.CrossBatchLoss` (XBM) as a PML loss: pairs within the batch and against a memory.
-
-    ``labels`` are class labels. Sub-losses, one ``"element"`` loss per anchor each: ``"batch"``
-    (pairs within the batch) and ``"memory"`` (pairs with the memory, times ``memory_weight``;
-    zeros during the warm-up). With PML's default ``MeanReducer`` per sub-loss their sum is the core
-    loss; an ``AvgNonZeroReducer`` averages each over the anchors that have a non-zero term.
-    ``indices_tuple`` and ``ref_emb`` are not supported (the memory is the reference set).
-    Stats (with ``collect_stats=True``): ``memory_fill`` (rows in the memory before this call).
-
-    Args:
-        size, dim, margin, memory_weight, start_step: as :class:`ssl_memory.CrossBatchLoss`.
-        **kwargs: PML's ``reducer``, ``distance`` (cosine only), ``collect_stats``, ...
-
-    Shape:
-        - embeddings: (B, D); labels: (B,) integers
-        - output: scalar
-
-    Example::
-
-        >>> loss_fn = CrossBatchLoss(size=55_000, dim=128, start_step=1000)
-        >>> loss = loss_fn(model(images), labels)
-    """
-
-    def __init__(
-        self,
-        size: int,
-        dim: int,
-        margin: float = 0.5,
-        memory_weight: float = 1.0,
-        start_step: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.criterion = core.CrossBatchLoss(size, dim, margin, memory_weight, start_step)
-        self.add_to_recordable_attributes(list_of_names=["margin", "memory_weight"], is_stat=False)
-        self.add_to_recordable_attributes(name="memory_fill", is_stat=True)
-
-    @property
-    def queue(self) -> Queue:
-        return self.criterion.queue
-
-    @property
-    def margin(self) -> float:
-        return self.criterion.margin
-
-    @property
-    def memory_weight(self) -> float:
-        return self.criterion.memory_weight
-
-    def _sub_loss_names(self) -> list[str]:
-        return ["batch", "memory"]
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        c_f.indices_tuple_not_supported(indices_tuple)
-        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
-        c_f.labels_required(labels)
-        self._record(memory_fill=len(self.queue))
-        terms = self.criterion.terms(embeddings, labels)
-        memory = self.memory_weight * terms["memory"]
-        return {
-            "batch": {"losses": terms["batch"], "indices": _rows(terms["batch"]), "reduction_type": "element"},
-            "memory": {"losses": memory, "indices": _rows(memory), "reduction_type": "element"},
-        }

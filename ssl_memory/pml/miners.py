@@ -7,7 +7,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.miners import BaseMiner
 
 from .._validation import check_range
-from .dense import equal_label_pairs
+from ..losses.cross_batch import equal_label_pairs
 
 _TUPLE_TYPES = ("pairs", "triplets")
 
