@@ -23,24 +23,34 @@ class Memory(nn.Module):
     a buffer replaced.
     """
 
-    # Run eagerly under torch.compile: a compiled graph's partitioner may drop the copy and recompute
-    # it in the backward from the table, which the forward's write has changed by then.
+    # Eager under torch.compile: a compiled graph's partitioner may drop a copy made inside it and
+    # recompute it in the backward from the table, which the forward's write has changed by then.
     @torch.compiler.disable
+    def snapshot(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A private copy of the readable rows in ``dtype``: what a loss may keep for its backward.
+
+        Writes to the memory after this call (the same forward's, another forward's, a ``reset()``)
+        cannot reach it.
+
+        Shape:
+            - output: (R, dim) with R the number of readable rows.
+        """
+        return self.readable().to(dtype, copy=True)
+
     def similarity(self, query: torch.Tensor) -> torch.Tensor:
         """Dot products of ``query`` with the readable rows; later writes to the memory cannot change its gradient.
 
-        Computed in float32 (or the query's dtype when wider) whatever the storage dtype, with autocast off.
+        Computed in float32 (or the query's dtype when wider) whatever the storage dtype, with autocast
+        off; the rows are a :meth:`snapshot` when a gradient will be needed, read in place otherwise.
 
         Shape:
             - query: (B, dim)
             - output: (B, R) with R the number of readable rows.
         """
-        rows = self.readable()
         dtype = torch.promote_types(query.dtype, torch.float32)
+        if torch.is_grad_enabled() and query.requires_grad:
+            rows = self.snapshot(dtype)
+        else:
+            rows = self.readable().to(dtype)
         with torch.autocast(query.device.type, enabled=False):
-            if rows.dtype != dtype:
-                rows = rows.to(dtype)  # already a private copy
-            elif torch.is_grad_enabled() and query.requires_grad:
-                rows = rows.clone()  # what autograd saves must not be the table written in place after
             return query.to(dtype) @ rows.T
-

@@ -66,9 +66,9 @@ def pair_similarities(
     r"""``query[rows] . reference[cols]`` for a list of pairs, differentiable.
 
     Few pairs (at most :math:`BR / D`) are computed row by row in O(pairs x D); more are read from
-    the (B, R) product, whose backward is then one (B, R) @ (R, D) product. The product keeps a
-    private copy of a ``reference`` that needs no gradient, so a memory written in place after this
-    call does not disturb the backward.
+    the (B, R) product, whose backward is then one (B, R) @ (R, D) product. Autograd may keep
+    ``reference`` for the backward: pass a copy (:meth:`Queue.snapshot`) of a memory that is
+    written before then.
 
     Shape:
         - query: (B, D); reference: (R, D); rows, cols: (P,)
@@ -76,8 +76,6 @@ def pair_similarities(
     """
     if rows.numel() * query.shape[1] <= query.shape[0] * reference.shape[0]:
         return torch.linalg.vecdot(query[rows], reference[cols])
-    if not reference.requires_grad:
-        reference = reference.clone()
     return (query @ reference.T)[rows, cols]
 
 
@@ -204,7 +202,8 @@ class CrossBatchLoss(nn.Module):
             unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
             batch = xbm_contrastive(unit, labels, unit, labels, self.margin)
             if memory_on and len(queue) > 0:
-                memory = xbm_contrastive(unit, labels, queue.features.to(unit.dtype), queue.labels, self.margin)
+                rows = queue.snapshot(unit.dtype)  # the batch is enqueued before the backward
+                memory = xbm_contrastive(unit, labels, rows, queue.labels, self.margin)
             else:
                 memory = torch.zeros_like(batch)
         if update_memory:
