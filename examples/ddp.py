@@ -13,7 +13,7 @@ What matters under DDP:
   the same initial bank (a fixed seed), and each update gathers every rank's rows in rank order.
 - ``DistributedSampler`` gives each rank its share of the samples; ``MultiAugCollate`` turns them
   into views on each rank; ``sampler.set_epoch`` reshuffles from ``seed + epoch``.
-- Each rank seeds its own generator (``seed + rank``) so that ranks draw different augmentations.
+- Each rank seeds torch with ``seed + rank`` so that ranks draw different augmentations.
   A checkpoint (written by rank 0, atomically) therefore holds every rank's random state.
 
 At the end every rank compares its memory (and its weights) with rank 0's, bitwise; rank 0 says
@@ -27,47 +27,30 @@ import gc
 import os
 import sys
 
+import helpers
 import torch
 import torch.distributed as dist
-from common import OneSignalAugment, SignalCNN, checkpoint_paths, embed, load_mnist1d, seed_everything
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 from ssl_memory import MemoryBankLoss, MultiAugCollate, NeighbourMerger, WithIndex
-from ssl_memory.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from ssl_memory.checkpoint import capture_rng_state, restore_rng_state
 from ssl_memory.distributed import broadcast_buffers_
 from ssl_memory.evaluation import knn_accuracy
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=10, help="total epochs (a resumed run counts the saved ones)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples a step on each rank")
-    parser.add_argument("--views", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64)
+def parse_args(argv: list[str] | None = None):
+    parser = helpers.parser(__doc__, checkpoint="checkpoints/ddp.pt", epochs=10, batch_size=64)
+    parser.add_argument("--views", type=int, default=4, help="augmented views of each sample in a batch")
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--consistency-weight", type=float, default=1.0)
     parser.add_argument("--merge-warmup", type=int, default=3, help="epochs before the first merge round")
-    parser.add_argument("--merge-ratio", type=float, default=0.5, help="ratio test of a merge (1 turns it off)")
-    parser.add_argument("--merge-share", type=float, default=0.05, help="share of the passing pairs merged at first")
-    parser.add_argument("--merge-max-share", type=float, default=0.25, help="the share grows by --merge-share a round")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--num-samples", type=int, default=10_000, help="MNIST-1D samples (80%% train)")
-    parser.add_argument("--knn-k", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", default="checkpoints/ddp.pt", help="written by rank 0 after every epoch")
-    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    parser.add_argument("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint (.epochN.pt)")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and model, 2 epochs: a few seconds")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.num_samples, args.batch_size, args.dim, args.knn_k = 500, 16, 16, 20
-        # a 2-epoch network has no near-duplicates yet: drop the ratio test so that merging is exercised
-        args.epochs, args.merge_warmup, args.merge_ratio = min(args.epochs, 2), 1, 1.0
-    return args
+    parser.add_argument("--merge-ratio", type=float, default=0.5, help="the merger's ratio test (1 turns it off)")
+    parser.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor")
+    # a 2-epoch smoke network has no near-duplicates yet: ratio 1 turns the test off so that merging runs
+    return helpers.smoke(parser.parse_args(argv), batch_size=16, knn_k=20, merge_warmup=1, merge_ratio=1.0)
 
 
 @torch.no_grad()
@@ -102,88 +85,61 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Train on this rank; returns 0 when every rank ends with the same memory and weights."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    seed_everything(args.seed + rank)  # different augmentations on each rank
-    data = load_mnist1d(args.num_samples, seed=args.seed)  # the same data everywhere
-    train, test = data.train, data.test
-    model = DistributedDataParallel(SignalCNN(dim=args.dim, width=8 if args.smoke else 32))  # rank 0's weights
-    dataset = WithIndex(TensorDataset(train.x, train.y))
-    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+    helpers.set_threads(args.threads, args.workers, processes=world)
+    torch.manual_seed(args.seed + rank)  # different augmentations on each rank
+    train_x, train_y, test_x, test_y = helpers.toy_signals(args.num_samples, args.seed)  # the same everywhere
+    model = DistributedDataParallel(helpers.signal_encoder(args.dim, width=8 if args.smoke else 32))  # rank 0's
+    dataset = WithIndex(TensorDataset(train_x))
+    # no drop_last: every sample is written to the bank once an epoch, which is how the merger counts epochs
+    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed)
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
         sampler=sampler,
-        drop_last=True,
-        collate_fn=MultiAugCollate(OneSignalAugment(), views=args.views),
-    )
-
-    merger = NeighbourMerger(  # rank 0 computes each round and broadcasts the groups
-        warmup=args.merge_warmup,
-        ratio=args.merge_ratio,
-        initial_share=args.merge_share,
-        share_growth=args.merge_share,
-        max_share=args.merge_max_share,
+        num_workers=args.workers,
+        collate_fn=MultiAugCollate(helpers.random_view, views=args.views),
     )
     criterion = MemoryBankLoss(  # outside the DDP module: see the docstring
-        num_samples=len(train),
+        num_samples=len(train_x),
         dim=args.dim,
         temperature=args.temperature,
         consistency_weight=args.consistency_weight,
-        merger=merger,
+        # rank 0 runs each round and broadcasts the groups
+        merger=NeighbourMerger(warmup=args.merge_warmup, ratio=args.merge_ratio),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    start_epoch, history = 0, []
+    start, history = 0, []
     if args.resume:
-        state = load_checkpoint(args.checkpoint)
+        state = helpers.load(args.checkpoint, model=model.module, criterion=criterion, optimizer=optimizer)
         if len(state["rng"]) != world:
             raise SystemExit(f"the checkpoint was written by {len(state['rng'])} ranks, this run has {world}")
-        model.module.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state["rng"][rank])
-        start_epoch, history = state["epoch"], state["history"]
+        start, history = state["epoch"], state["history"]
         if rank == 0:
-            print(f"resumed from {args.checkpoint} after epoch {start_epoch}")
+            print(f"resumed from {args.checkpoint} after epoch {start}")
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
-        model.train()
         losses = []
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0)
-        for batch in progress:
+        for batch in loader:
             loss = criterion(model(batch["views"]), batch["indices"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            progress.set_postfix(loss=f"{losses[-1]:.3f}")
         # BatchNorm running statistics are updated locally by the last forward; DDP would send
         # rank 0's at the next forward: do it now, so evaluation and the checkpoint agree
         broadcast_buffers_(model.module)
-        accuracy = knn_accuracy(
-            embed(model.module, test.x),
-            test.y,
-            criterion.memory,
-            train.y,
-            k=args.knn_k,
-            temperature=args.temperature,
-        )
-        history.append({"epoch": epoch + 1, "losses_rank0": losses, "knn_accuracy": accuracy})
+        queries = helpers.embed(model.module, test_x)  # the bank is the gallery: it embeds the training split
+        accuracy = knn_accuracy(queries, test_y, criterion.memory, train_y, args.knn_k, args.temperature)
+        history.append({"epoch": epoch + 1, "losses": losses, "knn_accuracy": accuracy})  # rank 0's losses
         rng = [None] * world
         dist.all_gather_object(rng, capture_rng_state())
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.4f}  kNN accuracy {accuracy:.4f}")
-            if args.checkpoint:
-                state = {
-                    "epoch": epoch + 1,
-                    "model": model.module.state_dict(),
-                    "criterion": criterion.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng,
-                    "history": history,
-                }
-                for path in checkpoint_paths(args.checkpoint, epoch + 1, args.keep_epochs):
-                    save_checkpoint(state, path)
+            helpers.save(args.checkpoint, epoch + 1, history, args.keep_epochs, rng=rng,
+                         model=model.module, criterion=criterion, optimizer=optimizer)
         dist.barrier()  # the checkpoint is complete before any rank moves on (or exits)
 
     memory_same = same_on_every_rank(criterion)

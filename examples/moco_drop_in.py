@@ -1,9 +1,10 @@
-"""MoCo (momentum encoder and a queue of keys) on MNIST-1D, with ssl_memory's QueueLoss and MoCHi mixing.
+"""MoCo (a momentum encoder and a queue of keys) with ssl_memory's QueueLoss and MoCHi mixing.
 
 This is a plain MoCo v2 loop. The lines marked ``# ssl_memory`` are all that differ from it: the queue
 buffer, the ``l_pos``/``l_neg`` logits, the cross-entropy and ``_dequeue_and_enqueue`` are replaced
 by one ``QueueLoss``, which also takes a ``HardNegativeMixer`` (MoCHi), accepts any queue size with
-any batch size, masks the query's own sample in the queue and keeps the queue in its state_dict.
+any batch size, leaves the keys of a query's own sample out of its negatives (given the sample
+indices) and keeps the queue in its state_dict.
 
 Examples::
 
@@ -14,25 +15,20 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
+import helpers
 import torch
-from common import OneSignalAugment, SignalCNN, checkpoint_paths, embed, load_mnist1d, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
 from ssl_memory import HardNegativeMixer, MultiAugCollate, QueueLoss, WithIndex  # ssl_memory
-from ssl_memory.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from ssl_memory.checkpoint import restore_rng_state
 from ssl_memory.evaluation import knn_accuracy
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30, help="total epochs (a resumed run counts the saved ones)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--dim", type=int, default=64, help="embedding width")
+def parse_args(argv: list[str] | None = None):
+    parser = helpers.parser(__doc__, checkpoint="checkpoints/moco_drop_in.pt")
     parser.add_argument("--queue-size", type=int, default=4096, help="need not be a multiple of the batch size")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--encoder-momentum", type=float, default=0.99, help="of the key encoder")
@@ -40,21 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-mix", type=int, default=256, help="MoCHi: pair mixes per query (s)")
     parser.add_argument("--num-query-mix", type=int, default=128, help="MoCHi: query mixes per query (s')")
     parser.add_argument("--mix-from-epoch", type=int, default=5, help="first epoch with MoCHi negatives")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--num-samples", type=int, default=10_000, help="MNIST-1D samples (80%% train)")
     parser.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", default="checkpoints/moco_drop_in.pt", help="written after every epoch")
-    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    parser.add_argument("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint (.epochN.pt)")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and model, 2 epochs: a few seconds")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.num_samples, args.batch_size, args.dim, args.knn_k = 500, 32, 16, 20
-        args.queue_size, args.num_hard, args.num_mix, args.num_query_mix = 100, 16, 8, 4
-        args.epochs, args.mix_from_epoch = min(args.epochs, 2), 1
-    return args
+    return helpers.smoke(args, knn_k=20, queue_size=100, num_hard=16, num_mix=8, num_query_mix=4, mix_from_epoch=1)
 
 
 @torch.no_grad()
@@ -65,71 +49,58 @@ def momentum_update(encoder_q: torch.nn.Module, encoder_k: torch.nn.Module, mome
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    seed_everything(args.seed)
-    data = load_mnist1d(args.num_samples, seed=args.seed)
-    train, test = data.train, data.test
+    helpers.set_threads(args.threads, args.workers)
+    torch.manual_seed(args.seed)
+    train_x, train_y, test_x, test_y = helpers.toy_signals(args.num_samples, args.seed)
 
-    encoder_q = SignalCNN(dim=args.dim, width=8 if args.smoke else 32)
+    encoder_q = helpers.signal_encoder(args.dim, width=8 if args.smoke else 32)
     encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
     mixer = HardNegativeMixer(args.num_hard, args.num_mix, args.num_query_mix)  # ssl_memory
     criterion = QueueLoss(args.queue_size, args.dim, args.temperature)  # ssl_memory: replaces the queue buffer
     optimizer = torch.optim.Adam(encoder_q.parameters(), lr=args.lr)
     loader = DataLoader(
-        WithIndex(TensorDataset(train.x, train.y)),  # ssl_memory: items carry their index
+        WithIndex(TensorDataset(train_x)),  # ssl_memory: items carry their index
         batch_size=args.batch_size,
         shuffle=True,
-        drop_last=True,
+        drop_last=True,  # as MoCo: BatchNorm cannot train on a last batch of one query
         num_workers=args.workers,
-        collate_fn=MultiAugCollate(OneSignalAugment(), views=2),  # ssl_memory: MoCo's TwoCropsTransform
+        collate_fn=MultiAugCollate(helpers.random_view, views=2),  # ssl_memory: MoCo's TwoCropsTransform
     )
 
-    start_epoch, history = 0, []
+    start, history = 0, []
     if args.resume:
         # the queue, its pointer and its fill count are buffers of the loss: its state_dict restores them
-        state = load_checkpoint(args.checkpoint)
-        encoder_q.load_state_dict(state["encoder_q"])
-        encoder_k.load_state_dict(state["encoder_k"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
+        modules = {"encoder_q": encoder_q, "encoder_k": encoder_k, "criterion": criterion, "optimizer": optimizer}
+        state = helpers.load(args.checkpoint, **modules)
         restore_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
-        print(f"resumed from {args.checkpoint} after epoch {start_epoch}")
+        start, history = state["epoch"], state["history"]
+        print(f"resumed from {args.checkpoint} after epoch {start}")
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start, args.epochs):
         criterion.mixer = mixer if epoch + 1 >= args.mix_from_epoch else None  # ssl_memory: MoCHi after a warm-up
-        encoder_q.train(), encoder_k.train()
         losses = []
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False)
-        for batch in progress:
-            x_q, x_k = batch["views"].chunk(2)  # view-major: first views, then second views
+        for batch in loader:
+            x_q, x_k = batch["views"].chunk(2)  # view-major: every sample's first view, then every second view
+            indices = batch["indices"].chunk(2)[0]
             q = encoder_q(x_q)
             with torch.no_grad():
                 momentum_update(encoder_q, encoder_k, args.encoder_momentum)
                 k = encoder_k(x_k)
-            loss = criterion(q, k, batch["indices"].chunk(2)[0])  # ssl_memory: logits, cross-entropy, enqueue
+            loss = criterion(q, k, indices)  # ssl_memory: logits, cross-entropy, enqueue; own keys masked
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", queue=len(criterion.queue))
 
         accuracy = knn_accuracy(
-            embed(encoder_q, test.x), test.y, embed(encoder_q, train.x), train.y, k=args.knn_k, temperature=0.1
+            helpers.embed(encoder_q, test_x), test_y, helpers.embed(encoder_q, train_x), train_y, k=args.knn_k,
+            temperature=0.1,
         )
         history.append({"epoch": epoch + 1, "losses": losses, "knn_accuracy": accuracy})
-        print(f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.4f}  kNN accuracy {accuracy:.4f}")
-        if args.checkpoint:
-            state = {
-                "epoch": epoch + 1,
-                "encoder_q": encoder_q.state_dict(),
-                "encoder_k": encoder_k.state_dict(),
-                "criterion": criterion.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": capture_rng_state(),
-                "history": history,
-            }
-            for path in checkpoint_paths(args.checkpoint, epoch + 1, args.keep_epochs):
-                save_checkpoint(state, path)
+        print(f"epoch {epoch + 1}: loss {sum(losses) / len(losses):.4f}  kNN accuracy {accuracy:.4f}  "
+              f"queue {len(criterion.queue)} keys")
+        helpers.save(args.checkpoint, epoch + 1, history, args.keep_epochs,
+                     encoder_q=encoder_q, encoder_k=encoder_k, criterion=criterion, optimizer=optimizer)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Smoke tests of the quality benchmark (benchmarks/quality.py and its data, augmentations, encoders, methods)."""
+"""The quality benchmark: its data, augmentations, encoders, settings, diagnostics, runner and report."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -9,10 +10,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import quality  # noqa: E402
+from benchmarks import quality, quality_report, quality_run  # noqa: E402
 from benchmarks.augment import ImageAugment, SignalAugment  # noqa: E402
 from benchmarks.datasets import load, load_mnist1d, protocol_data, random_templates  # noqa: E402
 from benchmarks.encoders import DigitCNN, ResNet18, SignalCNN  # noqa: E402
+from benchmarks.methods import merge_precision  # noqa: E402
+from benchmarks.quality_settings import QUICK, MethodSettings, Settings, resolve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,27 +84,133 @@ def test_encoders_shapes():
         SignalCNN(8, 4, head="conv")
 
 
-def test_quick_flag_and_overrides():
+def test_settings_layer_defaults_data_set_quick_and_command_line():
     settings, out, progress = quality.parse_args(["--quick", "--seeds", "4", "5", "--temperature", "0.2"])
-    assert settings.epochs == quality.QUICK["epochs"] and settings.seeds == (4, 5)
-    assert settings.method.temperature == 0.2 and out.name == "mnist1d-quick" and progress
+    assert settings.epochs == QUICK["epochs"] and settings.methods == QUICK["methods"] and settings.seeds == (4, 5)
+    assert settings.method.temperature == 0.2 and settings.method.merge_warmup == QUICK["method"]["merge_warmup"]
+    assert settings.method.views == MethodSettings().views and out == Path("results/quality/mnist1d-quick") and progress
+    digits = resolve("mnist5k", False, {"epochs": 3, "merge_kwargs": {"backend": "torch"}})
+    assert digits.width == 32 and digits.epochs == 3 and digits.method.merge_kwargs == {"backend": "torch"}
+    assert MethodSettings().merge_kwargs == {} and MethodSettings().merge_kwargs is not MethodSettings().merge_kwargs
 
 
-def test_every_method_runs_and_writes_outputs(tiny, tmp_path, monkeypatch):
-    monkeypatch.setitem(quality._DATA_CACHE, ("mnist1d", None), tiny)
-    settings, _, _ = quality.parse_args(
-        ["--epochs", "2", "--eval-every", "1", "--batch-size", "16", "--seeds", "0", "1", "--workers", "1",
-         "--width", "4", "--queue-size", "64", "--xbm-size", "64", "--mochi-hard", "8", "--mochi-mix", "4",
-         "--mochi-query-mix", "2", "--mochi-warmup", "1", "--merge-warmup", "1", "--knn-k", "5"]
-    )
-    results = quality.run(settings, tmp_path, progress=False)
-    for name in ("results.json", "results.md", "curves.png", "finals.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    saved = json.loads((tmp_path / "results.json").read_text())
+def every_setting():
+    for cls in (Settings, MethodSettings):
+        for field in dataclasses.fields(cls):
+            if field.name != "method":
+                yield field.name, getattr(cls(), field.name)
+
+
+def test_help_and_docstring_show_every_setting_with_the_default_the_code_runs(capsys):
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, default in every_setting():
+        if isinstance(default, tuple):
+            shown = " ".join(map(str, default))
+        else:
+            shown = json.dumps(default) if isinstance(default, dict) else repr(default)
+        assert f"--{name.replace('_', '-')}" in text and f"(default: {shown})" in text, name
+        assert f"--{name.replace('_', '-')}" in quality.__doc__, name
+    assert "--quick changes: methods raw npid full" in text
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_precision_against_a_plain_count(seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.randint(0, 12, (30,), generator=g)
+    groups = torch.where(torch.rand(30, generator=g) < 0.5, torch.arange(30), groups)  # some entries alone
+    labels = torch.randint(0, 3, (30,), generator=g)
+    members = {}
+    for entry, group in enumerate(groups.tolist()):
+        members.setdefault(group, []).append(labels[entry].item())
+    merged = [found for found in members.values() if len(found) > 1]
+    agree = sum(max(found.count(label) for label in set(found)) for found in merged)
+    expected = agree / sum(map(len, merged)) if merged else 1.0
+    result = merge_precision(groups, labels)
+    assert result["precision"] == pytest.approx(expected)
+    assert result["merged_entries"] == sum(map(len, merged))
+    assert result["largest_group"] == max(map(len, members.values()))
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    """Every method, 2 seeds, 2 epochs on 300 signals, in 2 worker processes; the outputs and what was printed."""
+    out = tmp_path_factory.mktemp("quality")
+    tiny = load_mnist1d(num_samples=300, seed=3)
+    argv = ["--epochs", "2", "--eval-every", "1", "--batch-size", "16", "--seeds", "0", "1", "--workers", "2",
+            "--width", "4", "--queue-size", "64", "--xbm-size", "64", "--mochi-hard", "8", "--mochi-mix", "4",
+            "--mochi-query-mix", "2", "--mochi-warmup", "1", "--merge-warmup", "1", "--knn-k", "5",
+            "--out", str(out), "--no-progress"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quality_run, "load_data", lambda settings: tiny)
+        printed = []
+        patch.setattr("builtins.print", lambda *args, **kwargs: printed.append(" ".join(map(str, args))))
+        assert quality.main(argv) == 0
+    return out, json.loads((out / "results.json").read_text()), "\n".join(printed)
+
+
+def test_every_method_runs_and_writes_its_outputs(tiny_results):
+    out, saved, printed = tiny_results
+    for name in ("results.json", "results.md", "curves.png", "finals.png", "merging.png"):
+        assert (out / name).stat().st_size > 0 and str(out / name) in printed
     assert set(saved["summary"]) == {"seen", "unseen"}
-    assert set(saved["summary"]["seen"]) == set(quality.ALL_METHODS)
-    full = [r for r in results["runs"] if r["method"] == "full" and r["protocol"] == "seen"]
+    assert set(saved["summary"]["seen"]) == set(Settings().methods)
+    full = [r for r in saved["runs"] if r["method"] == "full" and r["protocol"] == "seen"]
     assert len(full) == 2 and len(full[0]["history"]) == 2 and 0 <= full[0]["final"]["knn"] <= 1
     assert "recall@1" in saved["summary"]["unseen"]["xbm"] and "map@r" in saved["summary"]["unseen"]["moco"]
-    markdown = (tmp_path / "results.md").read_text()
-    assert "| full |" in markdown and "Target (issue 5)" in markdown
+    assert "After 2 epochs on mnist1d (2 seeds), the full method against NPID:" in printed
+
+
+def test_results_record_provenance_and_every_setting(tiny_results):
+    _, saved, _ = tiny_results
+    source = saved["provenance"]
+    assert len(source["commit"]) == 40 and isinstance(source["dirty"], bool)
+    assert source["ssl_memory"] and source["torch"] == torch.__version__ and source["pytorch_metric_learning"]
+    assert saved["command"].startswith("python benchmarks/quality.py --epochs 2")
+    assert saved["settings"]["epochs"] == 2 and saved["settings"]["method"] == {
+        **dataclasses.asdict(MethodSettings()), "queue_size": 64, "xbm_size": 64, "mochi_hard": 8, "mochi_mix": 4,
+        "mochi_query_mix": 2, "mochi_warmup": 1, "merge_warmup": 1}
+
+
+def test_memory_bank_runs_record_merge_rounds_and_the_views_agreement(tiny_results):
+    _, saved, _ = tiny_results
+    for run in saved["runs"]:
+        if run["method"] in ("npid", "npid-4v", "npid-4v-cons", "full"):
+            assert run["final"]["views_kl"] >= 0
+        if run["method"] != "full":
+            assert not run.get("merges")
+            continue
+        assert run["merges"], "merging from epoch 1 of 2 must run at least one round"
+        for round_ in run["merges"]:
+            assert round_["epoch"] in (1, 2) and 0 <= round_["precision"] <= 1 and round_["largest_group"] >= 1
+            assert round_["report"]["pairs_merged"] >= 0
+        assert run["final"]["merged_entries"] == run["merges"][-1]["merged_entries"]
+
+
+def test_the_report_speaks_plainly(tiny_results):
+    out, saved, printed = tiny_results
+    markdown = (out / "results.md").read_text()
+    assert "| full |" in markdown and "## Findings" in markdown and saved["command"] in markdown
+    for text in (markdown, printed, *saved["findings"]):
+        assert "issue" not in text.lower() and "NOT" not in text
+
+
+def summary_of(**means):
+    """A summary with one seed: {protocol: {method: {metric: (mean, 0)}}}."""
+    return {"seen": {m: {"knn": (v, 0.0), "1nn": (v - 0.01, 0.0), "seconds": (1.0, 0.0)} for m, v in means.items()}}
+
+
+def test_findings_state_the_goal_each_change_and_the_raw_input():
+    settings = Settings(protocols=("seen",), seeds=(0,))
+    lines = quality_report.findings(summary_of(raw=0.6, npid=0.70, **{"npid-4v": 0.74, "npid-4v-cons": 0.73}, full=0.76),
+                                    settings)
+    assert "the full method is +6.0 points over NPID (the goal at full length is +5: reached)" in lines[0]
+    assert "views +4.0, consistency -1.0, merging +3.0 points (consistency not adding)" in lines[1]
+    assert "the full method (0.760) is above the raw input (0.600)" in lines[2]
+    assert lines[-1].startswith("One seed only")
+    short = quality_report.findings(summary_of(npid=0.70, full=0.72), Settings(seeds=(0, 1)))
+    assert short == [
+        "On seen classes (kNN accuracy) the full method is +2.0 points over NPID (the goal at full length is +5: "
+        "short by 3.0)."
+    ]

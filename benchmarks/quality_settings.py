@@ -1,0 +1,209 @@
+"""Every setting of the quality benchmark, with its default and what it means, in one place.
+
+The command line (``--help``), the settings list in ``benchmarks/quality.py``'s docstring and the
+``settings`` recorded in ``results.json`` are all generated from the two dataclasses below, so a default
+is written once. :func:`resolve` layers them: the defaults, then the data set's changes
+(:data:`DATASET_SETTINGS`), then ``--quick`` (:data:`QUICK`), then the options given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.datasets import DATASETS, PROTOCOLS
+
+BASELINES = ("raw", "random")
+# Published NPID, then Bulat et al.'s three changes added one at a time.
+ABLATION = ("npid", "npid-4v", "npid-4v-cons", "full")
+METHODS = ("npid", "npid-4v", "npid-4v-cons", "full", "moco", "mochi", "xbm")
+ALL_METHODS = BASELINES + METHODS
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with its ``--help`` text; mutable defaults are copied for each instance."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MethodSettings:
+    """Hyper-parameters of the methods (``benchmarks/methods.py``). Epoch counts are whole epochs."""
+
+    dim: int = setting(64, "width of the embedding the losses train")
+    temperature: float = setting(0.07, "temperature of every memory-bank row (NPID's published value)")
+    bank_momentum: float = setting(0.5, "bank momentum, the weight of the old entry (NPID's published value)")
+    views: int = setting(4, "views of each sample in a batch, for npid-4v, npid-4v-cons and full")
+    consistency: float = setting(0.3, "weight of the consistency term (npid-4v-cons, full)")
+    consistency_warmup: int = setting(1, "epochs before the consistency term is switched on")
+    merge_warmup: int = setting(10, "epochs before the first merge round (full)")
+    merge_interval: int = setting(1, "epochs between merge rounds (full)")
+    merge_kwargs: dict = setting({}, "other NeighbourMerger arguments, as JSON (its own defaults otherwise)")
+    queue_size: int = setting(4096, "MoCo / MoCHi queue length")
+    moco_temperature: float = setting(0.2, "MoCo / MoCHi temperature")
+    key_momentum: float = setting(0.99, "momentum of MoCo's key encoder")
+    shuffle_groups: int = setting(4, "groups the key batch is split into for BatchNorm (MoCo's shuffled BN)")
+    mochi_hard: int = setting(256, "MoCHi: hardest negatives mixed")
+    mochi_mix: int = setting(256, "MoCHi: mixes of two negatives per query")
+    mochi_query_mix: int = setting(128, "MoCHi: mixes of the query with a negative per query")
+    mochi_warmup: int = setting(5, "MoCHi: epochs before the mixes are used")
+    xbm_size: int = setting(4096, "XBM memory length")
+    xbm_margin: float = setting(0.5, "XBM: negatives less similar than this add nothing")
+    xbm_warmup: int = setting(1, "XBM: epochs before the memory is used")
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on; ``results.json`` records it."""
+
+    dataset: str = setting("mnist1d", f"data set, one of {', '.join(DATASETS)}")
+    data_root: str = setting("", "folder holding cifar-10-batches-py/ or CUB_200_2011/ (cifar10, cub200)")
+    protocols: tuple = setting(PROTOCOLS, "evaluation protocols: seen classes, unseen classes")
+    methods: tuple = setting(ALL_METHODS, "methods to train and evaluate")
+    seeds: tuple = setting((0, 1, 2), "one run per seed; tables show the mean and standard deviation")
+    epochs: int = setting(30, "training epochs")
+    batch_size: int = setting(64, "samples a batch (each gives one row per view)")
+    lr: float = setting(1e-3, "peak learning rate of Adam's one-cycle schedule")
+    lr_warmup: float = setting(0.3, "share of the steps over which the one-cycle learning rate rises to its peak")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    width: int = setting(16, "channels of the encoder's first block")
+    head: str = setting("linear", "projection head of the signal encoder: linear (as NPID) or mlp")
+    eval_every: int = setting(5, "epochs between evaluations for the curves (the last epoch is always evaluated)")
+    knn_k: int = setting(200, "neighbours of the weighted kNN (NPID's)")
+    knn_temperature: float = setting(0.07, "temperature of the weighted kNN votes (NPID's)")
+    features: str = setting("backbone", "what is evaluated: backbone (pooled features), embedding, or both")
+    device: str = setting("cpu", "cpu or cuda")
+    workers: int = setting(0, "parallel training processes (0: one per CPU core, at most one per run)")
+    threads: int = setting(1, "torch threads per process (0: torch's default)")
+    method: MethodSettings = field(default_factory=MethodSettings)
+
+
+# What each data set changes from the defaults.
+DATASET_SETTINGS: dict[str, dict[str, Any]] = {
+    "mnist1d": {},
+    "mnist1d-tune": {},
+    "mnist5k": {"width": 32},
+    "cifar10": {"epochs": 200, "batch_size": 256, "workers": 1, "threads": 0},
+    "cub200": {"protocols": ("unseen",), "epochs": 100, "batch_size": 128, "workers": 1, "threads": 0},
+}
+
+# What --quick changes: NPID against the full method (and the raw input), one seed, 8 epochs, merging from
+# the fourth: about 40 s of training on each of 2 cores.
+QUICK: dict[str, Any] = {
+    "methods": ("raw", "npid", "full"),
+    "seeds": (0,),
+    "epochs": 8,
+    "eval_every": 2,
+    "method": {"merge_warmup": 3},
+}
+
+CHOICES: dict[str, tuple] = {
+    "dataset": DATASETS,
+    "protocols": PROTOCOLS,
+    "methods": ALL_METHODS,
+    "head": ("linear", "mlp"),
+    "features": ("backbone", "embedding", "both"),
+}
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "method"]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _changes(changes: dict[str, Any]) -> str:
+    flat = {**{k: v for k, v in changes.items() if k != "method"}, **changes.get("method", {})}
+    return ", ".join(f"{k} {_show(v)}" for k, v in flat.items()) or "nothing"
+
+
+def describe() -> str:
+    """Every option with its default and meaning, then what each data set and ``--quick`` change."""
+    lines = []
+    for title, cls in (("Run", Settings), ("Methods", MethodSettings)):
+        lines += ["", f"{title}:", ""]
+        defaults = cls()
+        for f in _fields(cls):
+            default = _show(getattr(defaults, f.name))
+            lines.append(f"  --{f.name.replace('_', '-'):<20} {default:<12} {f.metadata['help']}")
+    return "\n".join(lines) + "\n\n" + layers()
+
+
+def layers() -> str:
+    """What each data set and ``--quick`` change from the defaults."""
+    lines = ["Data sets change:", ""]
+    lines += [f"  {name:<14} {_changes(changes)}" for name, changes in DATASET_SETTINGS.items()]
+    return "\n".join(lines + ["", f"--quick changes: {_changes(QUICK)}."])
+
+
+def _converter(default: Any) -> Any:
+    if isinstance(default, dict):
+        return json.loads
+    if isinstance(default, tuple):
+        return type(default[0]) if default else str
+    return type(default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per setting; every default is None, so that only what the user gives overrides a layer."""
+    for cls in (Settings, MethodSettings):
+        defaults = cls()
+        group = parser.add_argument_group("run settings" if cls is Settings else "method settings")
+        for f in _fields(cls):
+            default = getattr(defaults, f.name)
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=_converter(default),
+                nargs="+" if isinstance(default, tuple) else None,
+                choices=CHOICES.get(f.name),
+                default=None,
+                metavar=f.name.upper() if f.name in CHOICES else None,
+                help=f"{f.metadata['help']} (default: {_show(default)})",
+            )
+
+
+def resolve(dataset: str, quick: bool, options: dict[str, Any]) -> Settings:
+    """The settings of a run: defaults, the data set's changes, ``--quick``'s, then ``options`` (None = not given)."""
+    if dataset not in DATASET_SETTINGS:
+        raise ValueError(f"unknown data set {dataset!r}; choose one of {DATASETS}")
+    run: dict[str, Any] = {"dataset": dataset}
+    method: dict[str, Any] = {}
+    for layer in (DATASET_SETTINGS[dataset], QUICK if quick else {}):
+        run.update({k: v for k, v in layer.items() if k != "method"})
+        method.update(layer.get("method", {}))
+    method_names = {f.name for f in dataclasses.fields(MethodSettings)}
+    for name, value in options.items():
+        if value is None or name == "dataset":
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        (method if name in method_names else run)[name] = value
+    unknown = set(run) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    return Settings(**run, method=MethodSettings(**method))
+
+
+def workers_for(settings: Settings, jobs: int) -> int:
+    """Training processes: ``settings.workers``, or one per core (at most one per job) when it is 0."""
+    if settings.workers > 0:
+        return settings.workers
+    return max(1, min(cpu_count(), jobs))
