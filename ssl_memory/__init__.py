@@ -1,14 +1,47 @@
-"""Memories of past embeddings for contrastive and metric learning, as composable PyTorch modules."""
+"""Memories of past embeddings for contrastive and metric learning, as composable PyTorch modules.
+
+The public API is what this module exports; the pytorch-metric-learning layer lives in
+:mod:`ssl_memory.pml`, checkpoint helpers in :mod:`ssl_memory.checkpoint`.
+"""
 
 from .bank import MemoryBank
 from .data import MultiAugCollate, WithIndex
+from .distributed import DistributedInputError
+from .evaluation import RetrievalCalculator, knn_accuracy, knn_predict, retrieval_metrics
 from .losses import ConsistencyLoss, CrossBatchLoss, MemoryBankLoss, QueueLoss
 from .merging import MergeReport, NeighbourMerger
 from .mixing import HardNegativeMixer
+from .neighbours import FaissFlatSearch, FaissHNSWSearch, FaissIVFSearch, NeighbourSearch, TorchSearch, nearest_neighbours
 from .queue import Queue
 
-__all__ = ["MemoryBank", "Queue"]
-__all__ += ["ConsistencyLoss", "CrossBatchLoss", "HardNegativeMixer", "MemoryBankLoss", "MultiAugCollate", "QueueLoss"]
-__all__ += ["WithIndex"]
-__all__ += ["MergeReport", "NeighbourMerger"]
-__version__ = "0.1.0"
+__all__ = [
+    # memories
+    "MemoryBank",
+    "Queue",
+    # losses and what they use
+    "ConsistencyLoss",
+    "CrossBatchLoss",
+    "HardNegativeMixer",
+    "MemoryBankLoss",
+    "QueueLoss",
+    # merging near-duplicates, and the neighbour searches it can use
+    "MergeReport",
+    "NeighbourMerger",
+    "FaissFlatSearch",
+    "FaissHNSWSearch",
+    "FaissIVFSearch",
+    "NeighbourSearch",
+    "TorchSearch",
+    "nearest_neighbours",
+    # data
+    "MultiAugCollate",
+    "WithIndex",
+    # evaluation
+    "RetrievalCalculator",
+    "knn_accuracy",
+    "knn_predict",
+    "retrieval_metrics",
+    # errors
+    "DistributedInputError",
+]
+__version__ = "0.2.0"
