@@ -4,14 +4,10 @@ The oracle is one process fed every rank's batch in rank order: PML's own CrossB
 and the loss, PML's plain loss for the rows one rank scores.
 """
 
-import os
-import tempfile
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from distributed_helpers import _free_port, _worker
+from distributed_helpers import run_distributed
 from pytorch_metric_learning import losses, reducers
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper as PMLDistributedLossWrapper
@@ -19,21 +15,6 @@ from pytorch_metric_learning.utils.distributed import DistributedLossWrapper as 
 from ssl_memory.pml import CrossBatchMemory, DistributedLossWrapper
 
 DIM, MEMORY, STEPS = 8, 30, 6
-
-
-def run_with_timeout(fn, world_size, *args, timeout=90.0):
-    """``distributed_helpers.run_distributed``, failing (and killing the workers) after ``timeout`` seconds."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size, join=False
-        )
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() >= deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail(f"the {world_size} processes did not finish within {timeout} s (a collective hung?)")
-        return [torch.load(os.path.join(out_dir, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
 
 
 def make_loss(name):
@@ -77,7 +58,7 @@ def wrapper_worker(rank, world_size, runs):
 
 def run_all(world_size, runs):
     """Per run, the list of every rank's results."""
-    per_rank = run_with_timeout(wrapper_worker, world_size, runs)
+    per_rank = run_distributed(wrapper_worker, world_size, runs)
     return [[per_rank[rank][i] for rank in range(world_size)] for i in range(len(runs))]
 
 
