@@ -36,11 +36,12 @@ from benchmarks.quality_settings import MethodSettings
 from ssl_memory import ConsistencyLoss, CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, NeighbourMerger, QueueLoss
 
 
-def merge_precision(groups: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def merge_precision(groups: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
     """How a bank's merge groups sit with the true classes (for diagnosis only).
 
     ``precision`` is the share of entries in groups of two or more whose label is their group's most
-    common label (1.0 when nothing is merged); ``merged_entries`` counts those entries and
+    common label (None when nothing is merged: there is nothing to be right or wrong about);
+    ``merged_entries`` counts those entries and
     ``largest_group`` is the size of the largest group.
 
     Example::
@@ -52,7 +53,7 @@ def merge_precision(groups: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
     sizes = torch.bincount(groups, minlength=groups.numel())
     merged = sizes[groups] > 1
     if not bool(merged.any()):
-        return {"precision": 1.0, "merged_entries": 0, "largest_group": int(sizes.max())}
+        return {"precision": None, "merged_entries": 0, "largest_group": int(sizes.max())}
     pairs, counts = torch.stack([groups[merged], labels[merged]], 1).unique(dim=0, return_counts=True)
     majority = torch.zeros_like(sizes).scatter_reduce_(0, pairs[:, 0], counts, "amax")
     entries = int(merged.sum())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -56,9 +57,16 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+def _mean_std(values: list[float | None]) -> tuple[float, float] | tuple[None, None]:
+    """Mean and standard deviation of the values that are not None (None, None when all are)."""
+    t = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
+    if t.numel() == 0:
+        return None, None
+    return float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def summarise(runs: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
@@ -111,10 +119,11 @@ def findings(summary: dict[str, Any], settings: Settings) -> list[str]:
             out.append(f"On {name} the full method ({full:.3f}) is {relation} the raw input ({raw:.3f}).")
         merges = rows.get("full", {}).get("merge_rounds")
         if merges:
-            precision = " ".join(f"{r['precision'][0]:.2f}" for r in merges)
+            precision = " ".join(_number(r["precision"][0], 2) for r in merges)
             last = merges[-1]
             out.append(
-                f"Merging on {protocol} classes: {len(merges)} rounds, precision per round {precision}; at the end "
+                f"Merging on {protocol} classes: {len(merges)} rounds, precision per round {precision} "
+                f"(- where nothing was merged yet); at the end "
                 f"{last['merged_entries'][0]:.0f} entries in merged groups, the largest of "
                 f"{last['largest_group'][0]:.0f}."
             )
@@ -185,7 +194,7 @@ def tables(summary: dict[str, Any]) -> str:
             lines += ["| round | epoch | precision | entries in merged groups | largest group |", "|---" * 5 + "|"]
             for i, r in enumerate(merges, 1):
                 lines.append(
-                    f"| {i} | {r['epoch'][0]:.0f} | {r['precision'][0]:.3f} | {r['merged_entries'][0]:.0f} | "
+                    f"| {i} | {r['epoch'][0]:.0f} | {_number(r['precision'][0], 3)} | {r['merged_entries'][0]:.0f} | "
                     f"{r['largest_group'][0]:.0f} |"
                 )
         lines.append("")
@@ -248,7 +257,8 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], settings: Settings
         for i, protocol in enumerate(merged):
             rounds = summary[protocol]["full"]["merge_rounds"]
             epochs = [r["epoch"][0] for r in rounds]
-            axes[0].plot(epochs, [r["precision"][0] for r in rounds], marker="o", color=f"C{i}", label=protocol)
+            precision = [math.nan if r["precision"][0] is None else r["precision"][0] for r in rounds]
+            axes[0].plot(epochs, precision, marker="o", color=f"C{i}", label=protocol)
             axes[1].plot(epochs, [r["merged_entries"][0] for r in rounds], marker="o", color=f"C{i}", label=protocol)
         axes[0].set_ylabel("merge precision (share of merged entries\nwith their group's majority class)")
         axes[1].set_ylabel("entries in merged groups")

@@ -11,7 +11,14 @@ from .evaluation import RetrievalCalculator, knn_accuracy, knn_predict, retrieva
 from .losses import ConsistencyLoss, CrossBatchLoss, MemoryBankLoss, QueueLoss
 from .merging import MergeReport, NeighbourMerger
 from .mixing import HardNegativeMixer
-from .neighbours import FaissFlatSearch, FaissHNSWSearch, FaissIVFSearch, NeighbourSearch, TorchSearch, nearest_neighbours
+from .neighbours import (
+    FaissFlatSearch,
+    FaissHNSWSearch,
+    FaissIVFSearch,
+    NeighbourSearch,
+    TorchSearch,
+    nearest_neighbours,
+)
 from .queue import Queue
 
 __all__ = [
