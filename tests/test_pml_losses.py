@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from distributed_helpers import run_distributed
 from pytorch_metric_learning import distances, reducers
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
-from test_pml_distributed import run_with_timeout
 
 import ssl_memory
 from ssl_memory import pml
@@ -144,6 +144,6 @@ def wrapper_worker(rank, world_size):
 
 
 def test_memory_bank_loss_under_distributed_loss_wrapper_matches_direct_use():
-    for (direct_grad, direct_bank), (wrapped_grad, wrapped_bank) in run_with_timeout(wrapper_worker, 2):
+    for (direct_grad, direct_bank), (wrapped_grad, wrapped_bank) in run_distributed(wrapper_worker, 2):
         assert torch.allclose(direct_grad, wrapped_grad, atol=1e-6)
         assert torch.allclose(direct_bank, wrapped_bank, atol=1e-6)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_helpers import run_distributed
 from pytorch_metric_learning import distances, losses
 from pytorch_metric_learning.utils.distributed import DistributedMinerWrapper
-from test_pml_distributed import run_with_timeout
 
 import ssl_memory
 from ssl_memory import MemoryBank, pml
@@ -196,7 +196,7 @@ def miner_worker(rank, world_size):
 
 
 def test_miners_work_under_distributed_miner_wrapper():
-    results = run_with_timeout(miner_worker, 2)
+    results = run_distributed(miner_worker, 2)
     pieces = [data(seed=rank, rows=5, refs=7) for rank in range(2)]
     for rank, result in enumerate(results):
         # PML gathers this rank's rows first, then the other ranks' in rank order
