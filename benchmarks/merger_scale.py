@@ -45,6 +45,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.provenance import provenance  # noqa: E402
+
 EXACT_RATIO_TARGET = 1.5
 APPROX_SECONDS_TARGET = 120.0
 RECALL_TARGET = 0.95
@@ -251,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += approx_part(args, argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}
-    args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2))
+    record = {"command": " ".join(["merger_scale.py", *argv]), "provenance": provenance(), "settings": settings}
+    args.out.write_text(json.dumps({**record, "results": rows}, indent=2))
     print(table(rows))
 
 

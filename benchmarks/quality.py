@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import quality_report, quality_run  # noqa: E402
 from benchmarks.datasets import DATASETS  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
 from benchmarks.quality_settings import Settings, add_arguments, describe, layers, resolve  # noqa: E402
 
 __doc__ += describe()
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     settings, out, progress = parse_args(argv)
-    meta = {"command": quality_report.command_line(argv), "provenance": quality_report.provenance()}
+    meta = {"command": quality_report.command_line(argv), "provenance": provenance()}
     print(quality_run.plan(settings, out))
     start = time.perf_counter()
     runs = quality_run.run_all(settings, progress=progress)

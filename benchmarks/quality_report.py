@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 
 from benchmarks.quality_run import headline
-from benchmarks.quality_settings import ABLATION, BASELINES, Settings, cpu_count
+from benchmarks.quality_settings import ABLATION, BASELINES, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_POINTS = 5.0
@@ -30,31 +28,6 @@ METRIC_NAMES = {"knn": "kNN accuracy", "recall@1": "Recall@1"}
 ROUND_NUMBERS = ("epoch", "precision", "merged_entries", "largest_group")
 # What each row of the ablation adds to the one before it.
 CHANGES = {"npid-4v": "views", "npid-4v-cons": "consistency", "full": "merging"}
-
-
-def provenance() -> dict[str, Any]:
-    """The code and versions a run used: git commit (and whether the tree had changes), library and torch versions."""
-    import pytorch_metric_learning
-
-    import ssl_memory
-
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
-        "ssl_memory": ssl_memory.__version__,
-        "torch": torch.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {cpu_count()} CPU cores"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-    }
 
 
 def _mean_std(values: list[float | None]) -> tuple[float, float] | tuple[None, None]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.datasets import DATASETS, PROTOCOLS
+from benchmarks.provenance import cpu_count
 
 BASELINES = ("raw", "random")
 # Published NPID, then Bulat et al.'s three changes added one at a time.
@@ -109,14 +109,6 @@ CHOICES: dict[str, tuple] = {
     "head": ("linear", "mlp"),
     "features": ("backbone", "embedding", "both"),
 }
-
-
-def cpu_count() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _fields(cls: type) -> list[dataclasses.Field]:

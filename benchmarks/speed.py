@@ -49,6 +49,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.provenance import provenance  # noqa: E402
+
 TEMPERATURE = 0.07
 SLOW_STEP_SECONDS = 2.0
 VIEWS = 4
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tqdm.write(json.dumps(results[-1]))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "batch": args.batch, "dim": args.dim, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "provenance": provenance()}
     (args.out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     table = markdown(results, args.sizes)
     (args.out / "speed.md").write_text(table + "\n")

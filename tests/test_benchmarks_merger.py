@@ -18,7 +18,9 @@ def test_quick_run_writes_results_and_prints_a_table(tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    results = json.loads(out.read_text())["results"]
+    saved = json.loads(out.read_text())
+    assert len(saved["provenance"]["commit"]) == 40 and saved["command"].startswith("merger_scale.py --quick")
+    results = saved["results"]
     cases = [r["case"] for r in results]
     assert cases[:3] == ["bare matmul + topk(5)", "TorchSearch, self excluded", "TorchSearch, 10% in merged groups excluded"]
     # the exact search finds the same nearest neighbour as the bare product's second column
