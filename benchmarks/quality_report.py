@@ -20,7 +20,6 @@ import torch
 from benchmarks.quality_run import headline
 from benchmarks.quality_settings import ABLATION, BASELINES, Settings
 
-ROOT = Path(__file__).resolve().parents[1]
 GOAL_POINTS = 5.0
 COLUMNS = {"seen": ("knn", "1nn"), "unseen": ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")}
 METRIC_NAMES = {"knn": "kNN accuracy", "recall@1": "Recall@1"}
