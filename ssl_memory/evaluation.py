@@ -118,7 +118,8 @@ def knn_predict(
     scores = []
     for start in range(0, query.shape[0], chunk_size):
         block = F.normalize(query[start : start + chunk_size].float().to(gallery.device), dim=1)
-        sims, nearest = (block @ gallery.T).topk(k, dim=1)  # sorted: column 0 holds each row's largest
+        with torch.autocast(gallery.device.type, enabled=False):  # float32 votes inside a bf16-mixed validation step
+            sims, nearest = (block @ gallery.T).topk(k, dim=1)  # sorted: column 0 holds each row's largest
         # exp((s - s_max) / T) keeps every weight in (0, 1] at any temperature (exp(s / T) overflows
         # below T ~ 0.011); dividing a query's votes by one constant leaves its ranking unchanged
         weights = ((sims - sims[:, :1]) / temperature).exp()

@@ -27,9 +27,13 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.+?)\n```", README.read_text(), flags=re.S)
 
 
-def block_using(name: str) -> str:
-    """The one README block that uses ``name``."""
-    found = [block for block in python_blocks() if re.search(rf"\b{name}\b", block)]
+def block_using(name: str, lightning: bool = False) -> str:
+    """The one README block that uses ``name`` (among the Lightning blocks, or among the others)."""
+    found = [
+        block
+        for block in python_blocks()
+        if re.search(rf"\b{name}\b", block) and ("LightningModule" in block) == lightning
+    ]
     assert len(found) == 1, f"expected one README block using {name}, found {len(found)}"
     return found[0]
 
@@ -174,3 +178,16 @@ def test_the_pml_block_is_ours_backpropagates_and_fills_its_memory_as_pml_does()
     assert int(loss_fn.queue_idx) == rows, "the memory never received a batch"
     assert torch.equal(loss_fn.label_memory[:rows], labels)
     torch.testing.assert_close(F.normalize(loss_fn.embedding_memory[:rows], dim=1), F.normalize(embeddings.detach(), dim=1))
+
+
+def test_the_lightning_block_trains_writes_each_sample_once_an_epoch_and_keeps_the_bank_out_of_ddp():
+    pl = __import__("pytest").importorskip("pytorch_lightning")
+    block = Block(block_using("MemoryBankLoss", lightning=True))
+    block.run_setup()
+    trainer = block.find(pl.Trainer)
+    module = trainer.lightning_module
+    criterion = module.criterion
+    assert isinstance(criterion, MemoryBankLoss) and isinstance(criterion.merger, NeighbourMerger)
+    assert int(criterion.memory.samples_written) == trainer.max_epochs * NUM_SAMPLES
+    assert "criterion.memory.features" in module._ddp_params_and_buffers_to_ignore
+    assert not module.written  # every micro-batch was written at its optimiser step
