@@ -217,3 +217,65 @@ def protocol_data(data: DataSet, protocol: str) -> ProtocolData:
     classes = everything.y.unique()
     first = torch.isin(everything.y, classes[: len(classes) // 2])
     return ProtocolData("unseen", everything.subset(first), everything.subset(~first), None)
+
+
+def perturb(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """A near-copy of each sample: the default perturbation of :func:`plant_duplicates`.
+
+    Images (B, C, H, W) in [0, 1]: shifted by up to 1 pixel each way (zeros come in), brightness
+    x0.9-1.1, Gaussian noise 0.03, one 4x4 patch erased to 0, clipped to [0, 1]. Signals (B, L): the
+    1-D analogues, each relative to the signals' standard deviation s: circular shift by up to 1
+    sample, amplitude x0.9-1.1, Gaussian noise 0.03 s, 2 consecutive samples set to 0. Both are far
+    smaller than the training augmentations (crops of 30-100% of an image; shifts of up to 10 samples).
+    """
+    n = x.shape[0]
+    if kind == "image":
+        shifts = torch.randint(-1, 2, (n, 2), generator=generator)
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        h, w = x.shape[-2:]
+        rows = (torch.arange(h) + 1 - shifts[:, :1]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2)
+        y = padded.gather(2, rows)
+        cols = (torch.arange(w) + 1 - shifts[:, 1:]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+        y = y.gather(3, cols)
+        y = y * (0.9 + 0.2 * torch.rand(n, 1, 1, 1, generator=generator))
+        y = y + 0.03 * torch.randn(y.shape, generator=generator)
+        top = torch.randint(0, h - 3, (n,), generator=generator).view(n, 1, 1, 1)
+        left = torch.randint(0, w - 3, (n,), generator=generator).view(n, 1, 1, 1)
+        r, c = torch.arange(h).view(1, 1, h, 1), torch.arange(w).view(1, 1, 1, w)
+        patch = (r >= top) & (r < top + 4) & (c >= left) & (c < left + 4)
+        return y.masked_fill(patch, 0.0).clamp(0.0, 1.0)
+    if kind != "signal":
+        raise ValueError(f"kind must be 'image' or 'signal', got {kind!r}")
+    length = x.shape[1]
+    scale = float(x.std())
+    shift = torch.randint(-1, 2, (n, 1), generator=generator)
+    y = x.gather(1, (torch.arange(length) - shift) % length)
+    y = y * (0.9 + 0.2 * torch.rand(n, 1, generator=generator))
+    y = y + 0.03 * scale * torch.randn(y.shape, generator=generator)
+    start = torch.randint(0, length - 1, (n, 1), generator=generator)
+    t = torch.arange(length)
+    return y.masked_fill((t >= start) & (t < start + 2), 0.0)
+
+
+def plant_duplicates(split: Split, fraction: float, kind: str, seed: int = 0) -> tuple[Split, torch.Tensor]:
+    """Append one near-copy (:func:`perturb`) of ``round(fraction * len(split))`` samples drawn at random.
+
+    The copies keep their original's label and come after every original, in the order of ``pairs``.
+
+    Returns:
+        ``(split with copies, pairs)``: ``pairs[p] = (original index, copy index)``, shape (P, 2).
+
+    Example::
+
+        >>> planted, pairs = plant_duplicates(data.train, 0.15, data.kind)
+        >>> len(planted) == len(data.train) + len(pairs)
+        True
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+    n = len(split)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]
+    copies = perturb(split.x[chosen], kind, generator)
+    pairs = torch.stack([chosen, n + torch.arange(len(chosen))], dim=1)
+    return Split(torch.cat([split.x, copies]), torch.cat([split.y, split.y[chosen]])), pairs

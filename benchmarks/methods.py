@@ -11,6 +11,7 @@ npid           1      ``MemoryBankLoss`` (NPID: full softmax over a momentum mem
 npid-4v        V      + V views of each sample in the batch (Bulat et al.'s first change)
 npid-4v-cons   V      + ``consistency`` between the views, after ``consistency_warmup`` epochs (second change)
 full           V      + ``NeighbourMerger`` (third change: merged near-duplicates as positives; the full method)
+oracle         V      npid-4v-cons handed the planted duplicate pairs as known groups (needs planted copies)
 moco           2      ``QueueLoss`` with a momentum key encoder (MoCo v2, shuffled BN emulated)
 mochi          2      the same with a ``HardNegativeMixer`` switched on after a warm-up (MoCHi)
 xbm            2      ``CrossBatchLoss`` with dataset indices as labels (views of a sample are positives)
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.quality_settings import MethodSettings
+from benchmarks.quality_settings import ORACLE, MethodSettings
 from ssl_memory import ConsistencyLoss, CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, NeighbourMerger, QueueLoss
 
 
@@ -60,6 +61,72 @@ def merge_precision(groups: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
     return {"precision": int(majority.sum()) / entries, "merged_entries": entries, "largest_group": int(sizes.max())}
 
 
+def _pairs_within(groups: torch.Tensor, keys: torch.Tensor | None = None) -> int:
+    """Pairs of entries in one group (and, given ``keys``, with equal keys): sum of c (c - 1) / 2 over counts c."""
+    cells = groups if keys is None else groups * (int(keys.max()) + 1) + keys
+    counts = torch.unique(cells, return_counts=True)[1]
+    return int((counts * (counts - 1) // 2).sum())
+
+
+@torch.no_grad()
+def mutual_nearest(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Each row's nearest other row by cosine; -1 where the two are not each other's nearest."""
+    x = F.normalize(x.float(), dim=1)
+    nearest = torch.cat([_nearest_block(x, i, chunk) for i in range(0, len(x), chunk)])
+    mutual = nearest[nearest] == torch.arange(len(x))
+    return nearest.masked_fill(~mutual, -1)
+
+
+def _nearest_block(x: torch.Tensor, start: int, chunk: int) -> torch.Tensor:
+    sims = x[start : start + chunk] @ x.T
+    rows = torch.arange(sims.shape[0])
+    sims[rows, rows + start] = -2.0  # not itself
+    return sims.argmax(1)
+
+
+def planted_metrics(
+    groups: torch.Tensor, labels: torch.Tensor, pairs: torch.Tensor | None, searched: torch.Tensor | None
+) -> dict[str, float | int | None]:
+    """How merge groups sit with planted duplicates and classes (for diagnosis only).
+
+    - ``entries_merged``: entries in groups of two or more;
+    - ``class_purity``: share of the pairs of entries sharing a group that share their class;
+    - ``planted_recall``: share of the planted (original, copy) pairs inside one group;
+    - ``reachable_recall``: the same over the planted pairs that are mutual nearest neighbours in
+      ``searched`` (what the merger searched at the round; None when not given);
+    - ``planted_precision``: share of the pairs sharing a group that are copies of one origin.
+
+    Ratios with nothing to count are None.
+
+    Example::
+
+        >>> groups, labels = torch.tensor([0, 0, 2, 2]), torch.tensor([1, 1, 1, 0])
+        >>> found = planted_metrics(groups, labels, torch.tensor([[0, 1]]), None)
+        >>> found["class_purity"], found["planted_recall"], found["planted_precision"]
+        (0.5, 1.0, 0.5)
+    """
+    groups, labels = groups.cpu(), labels.cpu()
+    sizes = torch.bincount(groups, minlength=groups.numel())
+    together = _pairs_within(groups)
+    out: dict[str, float | int | None] = {
+        "entries_merged": int(sizes[sizes > 1].sum()),
+        "class_purity": _pairs_within(groups, labels) / together if together else None,
+        "planted_recall": None, "reachable_recall": None, "planted_precision": None,
+    }
+    if pairs is None or len(pairs) == 0:
+        return out
+    origin = torch.arange(groups.numel())
+    origin[pairs[:, 1]] = pairs[:, 0]
+    joined = groups[pairs[:, 0]] == groups[pairs[:, 1]]
+    out["planted_recall"] = float(joined.float().mean())
+    if searched is not None:
+        nearest = mutual_nearest(searched.cpu())
+        reachable = nearest[pairs[:, 0]] == pairs[:, 1]
+        out["reachable_recall"] = float(joined[reachable].float().mean()) if bool(reachable.any()) else None
+    out["planted_precision"] = _pairs_within(groups, origin) / together if together else None
+    return out
+
+
 class Method(nn.Module):
     """A trainable method: ``loss(views, indices)`` for one batch, and hooks around epochs."""
 
@@ -83,8 +150,13 @@ class Method(nn.Module):
 class MemoryBankMethod(Method):
     """NPID and Bulat et al.'s changes: ``MemoryBankLoss`` with views, consistency and a merger.
 
-    ``merges`` lists one record per merge round: the epoch it ran in (1-based), the merger's report
-    and :func:`merge_precision` of the groups right after the round.
+    With ``merge`` the method steps a ``NeighbourMerger`` after every loss, handing it (when
+    ``settings.merge_search`` is ``"clean"``) a function that embeds ``inputs``, the unaugmented
+    training samples, with the encoder in eval mode: a round then searches those embeddings, not the
+    momentum-averaged bank rows. With ``known`` pairs (the oracle) they are joined into the bank's
+    groups at the start and no round runs. ``merges`` lists one record per merge round: the epoch it
+    ran in (1-based), the merger's report, :func:`merge_precision` and :func:`planted_metrics` of the
+    groups right after the round.
     """
 
     def __init__(
@@ -95,26 +167,35 @@ class MemoryBankMethod(Method):
         views: int,
         consistency: float = 0.0,
         merge: bool = False,
+        inputs: torch.Tensor | None = None,
+        planted: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> None:
         super().__init__(encoder)
         self.views, self.temperature = views, settings.temperature
         self.consistency, self.consistency_warmup = consistency, settings.consistency_warmup
-        merger = None
-        if merge:
-            merger = NeighbourMerger(
-                warmup=settings.merge_warmup, interval=settings.merge_interval, **settings.merge_kwargs
-            )
         self.criterion = MemoryBankLoss(
             len(labels),
             settings.dim,
             temperature=settings.temperature,
             momentum=settings.bank_momentum,
             consistency_weight=consistency,
-            merger=merger,
         )
+        self.merger = None
+        if merge:
+            cap = settings.merge_cap
+            if planted is not None and len(planted):  # room for every planted entry, the bound kept above it
+                cap = max(cap, min(1.0, 2 * len(planted) / len(labels) + 0.05))
+            kwargs = {"ratio": settings.merge_ratio, "max_merged_share": cap, **settings.merge_kwargs}
+            self.merger = NeighbourMerger(warmup=settings.merge_warmup, interval=settings.merge_interval, **kwargs)
+        if known is not None:
+            NeighbourMerger().add_groups(self.criterion.memory, known)
+        self.search = settings.merge_search
+        self.inputs, self.planted = inputs, planted
         self.labels = labels
         self.epoch = 0
         self.merges: list[dict[str, Any]] = []
+        self._searched: torch.Tensor | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
@@ -122,19 +203,42 @@ class MemoryBankMethod(Method):
         # on their distribution over random entries only adds noise.
         self.criterion.consistency_weight = self.consistency if epoch >= self.consistency_warmup else 0.0
 
+    @torch.no_grad()
+    def clean_embeddings(self, batch: int = 1024) -> torch.Tensor:
+        """The encoder's embeddings of the unaugmented training samples, in eval mode (what a clean round searches)."""
+        was_training = self.encoder.training
+        self.encoder.eval()
+        device = self.criterion.memory.features.device
+        x = self.inputs
+        out = torch.cat([self.encoder(x[i : i + batch].to(device)).float() for i in range(0, len(x), batch)])
+        self.encoder.train(was_training)
+        self._searched = out
+        return out
+
     def loss(self, views: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         loss = self.criterion(self.encoder(views), indices)
-        report = self.criterion.last["merge"]
+        if self.merger is None:
+            return loss
+        memory = self.criterion.memory
+        clean = self.search == "clean" and self.inputs is not None
+        report = self.merger.step(memory, embeddings=self.clean_embeddings if clean else None)
         if report is not None:
-            diagnosis = merge_precision(self.criterion.memory.groups, self.labels)
+            searched = self._searched if clean else memory.features
+            diagnosis = {
+                **merge_precision(memory.groups, self.labels),
+                **planted_metrics(memory.groups, self.labels, self.planted, searched),
+            }
             self.merges.append({"epoch": self.epoch + 1, "report": dataclasses.asdict(report), **diagnosis})
         return loss
 
     def log(self) -> dict[str, float]:
         last = self.criterion.last
         out = {"positive_prob": float(last["positive_prob"]), "consistency": float(last["consistency"])}
-        if self.criterion.merger is not None:
+        if self.merger is not None or self.planted is not None:
             out.update(merge_precision(self.criterion.memory.groups, self.labels))
+        if self.planted is not None:
+            found = planted_metrics(self.criterion.memory.groups, self.labels, self.planted, None)
+            out.update({k: v for k, v in found.items() if k in ("planted_recall", "planted_precision", "class_purity")})
         return out
 
     @torch.no_grad()
@@ -233,12 +337,25 @@ def build_method(
     steps_per_epoch: int,
     settings: MethodSettings,
     generator: torch.Generator,
+    inputs: torch.Tensor | None = None,
+    planted: torch.Tensor | None = None,
 ) -> Method:
-    """The method ``name`` around ``encoder``; ``labels`` (of the training samples) serve only diagnostics."""
-    if name in ("npid", "npid-4v", "npid-4v-cons", "full"):
-        consistency = settings.consistency if name in ("npid-4v-cons", "full") else 0.0
+    """The method ``name`` around ``encoder``.
+
+    ``labels`` (of the training samples) and ``planted`` (the (original, copy) pairs planted in them)
+    serve only diagnostics, except for the oracle, which is handed ``planted`` as known groups;
+    ``inputs`` are the unaugmented training samples a clean merge round embeds.
+    """
+    if name in ("npid", "npid-4v", "npid-4v-cons", "full", ORACLE):
+        if name == ORACLE and (planted is None or len(planted) == 0):
+            raise ValueError("the oracle method needs planted duplicates (--plant-duplicates above 0)")
+        consistency = settings.consistency if name in ("npid-4v-cons", "full", ORACLE) else 0.0
         views = views_of(name, settings)
-        return MemoryBankMethod(encoder, labels, settings, views, consistency, merge=name == "full")
+        known = planted if name == ORACLE else None
+        return MemoryBankMethod(
+            encoder, labels, settings, views, consistency, merge=name == "full", inputs=inputs, planted=planted,
+            known=known,
+        )
     if name in ("moco", "mochi"):
         return MoCoMethod(encoder, settings, name == "mochi", generator)
     if name == "xbm":

@@ -25,6 +25,8 @@ COLUMNS = {"seen": ("knn", "1nn"), "unseen": ("recall@1", "recall@2", "recall@4"
 METRIC_NAMES = {"knn": "kNN accuracy", "recall@1": "Recall@1"}
 # What the summary keeps of each merge round (mean and standard deviation over seeds).
 ROUND_NUMBERS = ("epoch", "precision", "merged_entries", "largest_group")
+# ... and, from planted_metrics, what every round records (planted figures None without planted copies).
+PLANTED_NUMBERS = ("class_purity", "planted_recall", "reachable_recall", "planted_precision")
 # What each row of the ablation adds to the one before it.
 CHANGES = {"npid-4v": "views", "npid-4v-cons": "consistency", "full": "merging"}
 
@@ -57,7 +59,8 @@ def summarise(runs: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
             rounds = min((len(r.get("merges", [])) for r in mine), default=0)
             if rounds:
                 row["merge_rounds"] = [
-                    {k: _mean_std([r["merges"][i][k] for r in mine]) for k in ROUND_NUMBERS} for i in range(rounds)
+                    {k: _mean_std([r["merges"][i].get(k) for r in mine]) for k in ROUND_NUMBERS + PLANTED_NUMBERS}
+                    for i in range(rounds)
                 ]
             summary[protocol][method] = row
     return summary
@@ -99,6 +102,19 @@ def findings(summary: dict[str, Any], settings: Settings) -> list[str]:
                 f"{last['merged_entries'][0]:.0f} entries in merged groups, the largest of "
                 f"{last['largest_group'][0]:.0f}."
             )
+        if merges and merges[-1]["planted_recall"][0] is not None:
+            precision = [r["planted_precision"][0] for r in merges if r["planted_precision"][0] is not None]
+            last = merges[-1]
+            out.append(
+                f"Planted duplicates on {protocol} classes, after the last round: planted recall "
+                f"{last['planted_recall'][0]:.2f}, reachable recall {_number(last['reachable_recall'][0], 2)}, "
+                f"planted precision {_number(last['planted_precision'][0], 2)} (lowest over rounds "
+                f"{_number(min(precision, default=None), 2)}), class purity {_number(last['class_purity'][0], 2)}."
+            )
+        if "oracle" in rows and "npid-4v-cons" in rows:
+            gains = {m: _points(rows, "npid-4v-cons", m, metric) for m in ("full", "oracle") if m in rows}
+            listed = " and ".join(f"{m} {v:+.1f}" for m, v in gains.items())
+            out.append(f"On {name}, over views+consistency: {listed} points.")
         kl = {m: rows[m]["views_kl"][0] for m in ("npid-4v", "npid-4v-cons") if "views_kl" in rows.get(m, {})}
         if len(kl) == 2:
             change = 100 * (kl["npid-4v-cons"] / kl["npid-4v"] - 1) if kl["npid-4v"] > 0 else 0.0
@@ -163,11 +179,16 @@ def tables(summary: dict[str, Any]) -> str:
         merges = rows.get("full", {}).get("merge_rounds")
         if merges:
             lines += ["", f"Merge rounds of the full method ({protocol} classes; labels used only to measure):", ""]
-            lines += ["| round | epoch | precision | entries in merged groups | largest group |", "|---" * 5 + "|"]
+            lines += [
+                "| round | epoch | entries in merged groups | largest group | class purity | planted recall | "
+                "reachable recall | planted precision |",
+                "|---" * 8 + "|",
+            ]
             for i, r in enumerate(merges, 1):
+                planted = " | ".join(_number(r[k][0], 3) for k in PLANTED_NUMBERS)
                 lines.append(
-                    f"| {i} | {r['epoch'][0]:.0f} | {_number(r['precision'][0], 3)} | {r['merged_entries'][0]:.0f} | "
-                    f"{r['largest_group'][0]:.0f} |"
+                    f"| {i} | {r['epoch'][0]:.0f} | {r['merged_entries'][0]:.0f} | {r['largest_group'][0]:.0f} | "
+                    f"{planted} |"
                 )
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -229,15 +250,18 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], settings: Settings
         for i, protocol in enumerate(merged):
             rounds = summary[protocol]["full"]["merge_rounds"]
             epochs = [r["epoch"][0] for r in rounds]
-            precision = [math.nan if r["precision"][0] is None else r["precision"][0] for r in rounds]
-            axes[0].plot(epochs, precision, marker="o", color=f"C{i}", label=protocol)
+            for k, style in zip(PLANTED_NUMBERS, ("-", "--", ":", "-.")):
+                values = [math.nan if r[k][0] is None else r[k][0] for r in rounds]
+                if not all(math.isnan(v) for v in values):
+                    axes[0].plot(epochs, values, style, marker="o", markersize=3, color=f"C{i}",
+                                 label=f"{protocol}: {k.replace('_', ' ')}")
             axes[1].plot(epochs, [r["merged_entries"][0] for r in rounds], marker="o", color=f"C{i}", label=protocol)
-        axes[0].set_ylabel("merge precision (share of merged entries\nwith their group's majority class)")
+        axes[0].set_ylabel("share (pairs of merged entries;\nplanted (original, copy) pairs)")
         axes[1].set_ylabel("entries in merged groups")
         for ax in axes:
             ax.set_xlabel("epoch of the round")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
         fig.suptitle(f"{settings.dataset}: merge rounds of the full method")
         fig.tight_layout()
         written.append(out / "merging.png")

@@ -7,6 +7,7 @@ shows one progress bar over every epoch of every run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import queue
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.augment import ImageAugment, SignalAugment
-from benchmarks.datasets import DataSet, ProtocolData, load, protocol_data
+from benchmarks.datasets import DataSet, ProtocolData, load, plant_duplicates, protocol_data
 from benchmarks.encoders import DigitCNN, ResNet18, SignalCNN
 from benchmarks.methods import MemoryBankMethod, build_method, views_of
 from benchmarks.quality_settings import Settings, workers_for
@@ -112,6 +113,12 @@ def run_job(
     method, protocol, seed = job
     split = protocol_data(data, protocol)
     record: dict[str, Any] = {"method": method, "protocol": protocol, "seed": seed, "history": [], "seconds": 0.0}
+    planted = None
+    if settings.plant_duplicates > 0 and method not in ("raw", "random"):
+        # Copies join the training data only; the seen protocol's gallery stays the original train split.
+        train, planted = plant_duplicates(split.train, settings.plant_duplicates, data.kind, seed=seed)
+        split = dataclasses.replace(split, train=train)
+        record["planted_pairs"] = len(planted)
     if method == "raw":
         record["final"] = evaluate(None, split, settings, final=True)
         return record
@@ -125,7 +132,9 @@ def run_job(
     views = views_of(method, settings.method)
     loader = _loader(split, views, settings, generator)
     steps = len(loader)
-    model = build_method(method, encoder, split.train.y, steps, settings.method, generator).to(settings.device)
+    model = build_method(
+        method, encoder, split.train.y, steps, settings.method, generator, inputs=split.train.x, planted=planted
+    ).to(settings.device)
     augment = make_augment(data, generator)
     optimiser = torch.optim.Adam(encoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -175,6 +184,8 @@ def plan(settings: Settings, out: Any) -> str:
     jobs = jobs_of(settings)
     workers = workers_for(settings, len(jobs))
     seeds = f"{len(settings.seeds)} seed{'s' if len(settings.seeds) > 1 else ''}"
+    if settings.plant_duplicates > 0:
+        seeds += f", {100 * settings.plant_duplicates:.0f}% of the training samples given a planted near-copy"
     return (
         f"Training {', '.join(m for m in settings.methods if m not in ('raw', 'random'))} on {settings.dataset} "
         f"({' and '.join(settings.protocols)} classes), {seeds}, {settings.epochs} epochs each, in {workers} "

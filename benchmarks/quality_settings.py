@@ -22,6 +22,8 @@ BASELINES = ("raw", "random")
 ABLATION = ("npid", "npid-4v", "npid-4v-cons", "full")
 METHODS = ("npid", "npid-4v", "npid-4v-cons", "full", "moco", "mochi", "xbm")
 ALL_METHODS = BASELINES + METHODS
+# Needs planted duplicates: npid-4v-cons handed the planted pairs as known groups (the ceiling of merging).
+ORACLE = "oracle"
 
 
 def setting(default: Any, help: str) -> Any:
@@ -43,6 +45,13 @@ class MethodSettings:
     consistency_warmup: int = setting(1, "epochs before the consistency term is switched on")
     merge_warmup: int = setting(10, "epochs before the first merge round (full)")
     merge_interval: int = setting(1, "epochs between merge rounds (full)")
+    merge_search: str = setting(
+        "clean", "what a merge round searches: clean (the encoder's embeddings of the unaugmented samples) or bank"
+    )
+    merge_ratio: float = setting(0.7, "NeighbourMerger's ratio test threshold (chosen on mnist1d-tune, planted)")
+    merge_cap: float = setting(
+        0.1, "NeighbourMerger's max_merged_share; with planted copies at least their share of the entries + 0.05"
+    )
     merge_kwargs: dict = setting({}, "other NeighbourMerger arguments, as JSON (its own defaults otherwise)")
     queue_size: int = setting(4096, "MoCo / MoCHi queue length")
     moco_temperature: float = setting(0.2, "MoCo / MoCHi temperature")
@@ -73,6 +82,9 @@ class Settings:
     weight_decay: float = setting(0.0, "Adam weight decay")
     width: int = setting(16, "channels of the encoder's first block")
     head: str = setting("linear", "projection head of the signal encoder: linear (as NPID) or mlp")
+    plant_duplicates: float = setting(
+        0.0, "share of the training samples given one near-copy (datasets.perturb), pairs kept as ground truth"
+    )
     eval_every: int = setting(5, "epochs between evaluations for the curves (the last epoch is always evaluated)")
     knn_k: int = setting(200, "neighbours of the weighted kNN (NPID's)")
     knn_temperature: float = setting(0.07, "temperature of the weighted kNN votes (NPID's)")
@@ -93,10 +105,12 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 # What --quick changes: NPID against the full method (and the raw input), one seed, 8 epochs, merging from
-# the fourth: about 40 s of training on each of 2 cores.
+# the fourth, 15% of the training samples given a planted near-copy so that merging has known work to do:
+# about 115 CPU-seconds of training.
 QUICK: dict[str, Any] = {
     "methods": ("raw", "npid", "full"),
     "seeds": (0,),
+    "plant_duplicates": 0.15,
     "epochs": 8,
     "eval_every": 2,
     "method": {"merge_warmup": 3},
@@ -105,7 +119,8 @@ QUICK: dict[str, Any] = {
 CHOICES: dict[str, tuple] = {
     "dataset": DATASETS,
     "protocols": PROTOCOLS,
-    "methods": ALL_METHODS,
+    "methods": ALL_METHODS + (ORACLE,),
+    "merge_search": ("clean", "bank"),
     "head": ("linear", "mlp"),
     "features": ("backbone", "embedding", "both"),
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ from torch import nn
 from ._validation import check_fraction, check_non_negative_int, check_positive_int
 from .distributed import is_distributed, rank
 from .neighbours import NeighbourSearch, check_backend, make_search
+
+# What a round may search instead of the bank rows: a tensor, or a function computing one when a round runs.
+Embeddings = torch.Tensor | Callable[[], torch.Tensor] | None
+# Groups a user knows: lists of entry indices, or a (P, 2) tensor of pairs.
+KnownGroups = Sequence[Sequence[int]] | torch.Tensor
 
 # Length of the error message rank 0 sends when its round fails (bytes of UTF-8, truncated).
 _MESSAGE_BYTES = 1024
@@ -211,7 +217,9 @@ def merge_round(
     passes = (d_link < ratio * d_left) & (d_link < ratio * d_right) & (similarity >= min_similarity)
     fits = sizes[left] + sizes[right] <= max_group_size
     eligible = torch.nonzero(passes & fits).squeeze(1)
-    eligible = eligible[torch.argsort(similarity[eligible], descending=True, stable=True)]
+    # Most confident first: the lowest ratio of link to reference, the test's own measure of standing apart.
+    confidence = d_link / torch.minimum(d_left, d_right)
+    eligible = eligible[torch.argsort(confidence[eligible], stable=True)]
     allowed = math.ceil(share * eligible.numel() - 1e-9)  # the epsilon absorbs float error in share * count
     taken = eligible[:allowed]
     # Only singletons joining a group add entries to merged groups; stop before the total cap.
@@ -257,7 +265,8 @@ class NeighbourMerger(nn.Module):
        still join it. It is scale-free: where distances concentrate (random vectors, a bank collapsed
        towards one direction, the inside of a class in high dimension) the ratio is near 1 and
        nothing passes, while near-duplicates pass whatever the bank's overall similarity;
-    4. passing pairs within the size cap are ranked by similarity, the most similar
+    4. passing pairs within the size cap are ranked by confidence, the lowest ratio
+       :math:`d / \min(d_m(A), d_m(B))` first, the first
        :math:`\lceil s_r \cdot \#\text{passing}\rceil` are taken, and they are merged in that order
        until the next would put more than ``max_merged_share`` of the bank in merged groups (pairs
        of groups already merged add no entries and still merge). A group's id is its smallest
@@ -267,6 +276,32 @@ class NeighbourMerger(nn.Module):
     \text{initial\_share} + r \cdot \text{share\_growth})`. Whatever the number of rounds, no group
     exceeds ``max_group_size`` entries and at most ``max_merged_share`` of the entries are in merged
     groups (groups a user writes into ``memory.groups`` are kept as they are).
+
+    **What a round searches.** By default the bank rows; better, the model's embeddings of the
+    unaugmented samples, given to :meth:`step` / :meth:`merge` as ``embeddings`` (a tensor, or a
+    function called only when a round runs; with such a function give the loss no merger and call
+    ``merger.step(criterion.memory, embeddings=fn)`` after each loss). Measured on planted data
+    (``benchmarks/quality.py --dataset mnist1d-tune --plant-duplicates 0.15``: 1,200 near-copies
+    among 9,200 signals, views + consistency, after 15 of 30 epochs; pairs that are mutual nearest
+    neighbours, ratio test as two singletons, m = 3; a one-off measurement, whose effect the planted
+    benchmark's per-round figures show):
+
+    ============================  ==============  ================  ================  ================
+    searched                      copies mutual   ratio 0.5         ratio 0.7         ratio 0.75
+                                  nearest         recall / prec.    recall / prec.    recall / prec.
+    ============================  ==============  ================  ================  ================
+    bank rows (momentum 0.5)      714 / 1,200     0.02 / 1.00       0.29 / 0.93       0.43 / 0.86
+    unaugmented embeddings        936 / 1,200     0.29 / 1.00       0.59 / 0.99       0.69 / 0.95
+    ============================  ==============  ================  ================  ================
+
+    Momentum-averaged rows mix several epochs of augmented views, so a copy stands apart from its
+    original's other neighbours there no more than neighbours do (median link cosine 0.94 for
+    copies, 0.92 for other mutual pairs); one clean pass of the current model separates them. A
+    threshold calibrated on the model's own same-sample similarity does not: two augmented views of
+    one sample have a median cosine of 0.62 (90% below 0.77) in those embeddings, below the
+    nearest-neighbour cosine of nearly every entry (median 0.88), so it would pass every mutual
+    pair. Mutual nearest neighbours with a margin over the next neighbours (the ratio test) is the
+    separating signal.
 
     **Schedule.** :meth:`step` is called after every bank update (``MemoryBankLoss`` does it). It
     counts epochs from the bank's :attr:`~ssl_memory.MemoryBank.samples_written`: N samples written
@@ -330,6 +365,8 @@ class NeighbourMerger(nn.Module):
             ``FaissIVFSearch(nprobe=16)``.
         chunk_size: query rows per block of the torch search (``None``: blocks of about 2**26 similarities).
         faiss_threshold: bank size from which ``"auto"`` uses faiss on CPU.
+        known_groups: groups the user knows, joined into ``memory.groups`` at the first :meth:`step`
+            (see :meth:`add_groups` for the format).
 
     Shape:
         - ``memory.features``: (N, D); ``memory.groups``: (N,)
@@ -358,6 +395,7 @@ class NeighbourMerger(nn.Module):
         backend: str | NeighbourSearch = "auto",
         chunk_size: int | None = None,
         faiss_threshold: int = 200_000,
+        known_groups: KnownGroups | None = None,
     ) -> None:
         super().__init__()
         check_non_negative_int("warmup", warmup)
@@ -377,6 +415,14 @@ class NeighbourMerger(nn.Module):
             check_positive_int("chunk_size", chunk_size)
         check_positive_int("faiss_threshold", faiss_threshold)
         check_backend(backend)  # fail on every rank at construction, not inside a collective
+        if known_groups is not None:  # checked now (all but the bank size), joined at the first step
+            if isinstance(known_groups, torch.Tensor):
+                known_groups = known_groups.clone()
+            else:
+                known_groups = [list(g) for g in known_groups]
+            largest = max((int(torch.as_tensor(g).max()) for g in known_groups if len(g)), default=-1)
+            known_labels(known_groups, largest + 1)
+        self.known_groups = known_groups
         self.warmup, self.interval = warmup, interval
         self.ratio, self.max_group_size, self.max_merged_share = float(ratio), max_group_size, float(max_merged_share)
         self.initial_share, self.share_growth, self.max_share = initial_share, share_growth, max_share
@@ -403,13 +449,21 @@ class NeighbourMerger(nn.Module):
         return 0 if epochs < first else (epochs - first) // self.interval + 1
 
     @torch.no_grad()
-    def step(self, memory: nn.Module) -> MergeReport | None:
-        """Call after each bank update: run a round when an epoch boundary of the schedule was crossed."""
+    def step(self, memory: nn.Module, embeddings: Embeddings = None) -> MergeReport | None:
+        """Call after each bank update: run a round when an epoch boundary of the schedule was crossed.
+
+        Known groups given at construction are joined into ``memory.groups`` at the first call.
+        ``embeddings`` is what a round searches instead of the bank rows (see :meth:`merge`); a
+        callable is called only when a round runs.
+        """
         written, size = getattr(memory, "num_written", None), getattr(memory, "num_entries", None)
         if not isinstance(written, int) or not isinstance(size, int):
             raise TypeError(
                 "memory must be a MemoryBank (it counts the samples written to it), got " + type(memory).__name__
             )
+        if self.known_groups is not None:
+            self.add_groups(memory, self.known_groups)
+            self.known_groups = None  # joined: memory.groups (in the bank's state_dict) holds them from now on
         epochs = written // size
         if self._epochs_seen is None:
             self._epochs_seen = int(self.epochs_seen)
@@ -419,15 +473,50 @@ class NeighbourMerger(nn.Module):
         self._epochs_seen = epochs
         self.epochs_seen.fill_(epochs)
         # One round however many boundaries one update crossed: rounds are not made up later.
-        return self.merge(memory) if self.rounds_due(epochs) > self.rounds_due(previous) else None
+        return self.merge(memory, embeddings) if self.rounds_due(epochs) > self.rounds_due(previous) else None
 
-    def forward(self, memory: nn.Module) -> MergeReport:
+    def forward(self, memory: nn.Module, embeddings: Embeddings = None) -> MergeReport:
         """One round now, whatever the schedule (same as :meth:`merge`)."""
-        return self.merge(memory)
+        return self.merge(memory, embeddings)
 
     @torch.no_grad()
-    def merge(self, memory: nn.Module) -> MergeReport:
+    def add_groups(self, memory: nn.Module, groups: KnownGroups) -> None:
+        """Join groups the user knows (a dedup tool's output, frames of one video) into ``memory.groups``.
+
+        Each given group is joined with the groups its members already belong to (a union, so
+        calling it twice changes nothing). Known groups are then exactly like merged ones: the loss
+        counts them as positives, later rounds see them (and may grow them up to ``max_group_size``),
+        reports count them, and they live in ``memory.groups`` (the bank's ``state_dict()``).
+        The caps bound what rounds add; known groups are kept whatever their size. Under
+        ``torch.distributed`` every rank must call it together with the same groups; rank 0's result
+        is broadcast, so every rank ends with identical groups.
+
+        Args:
+            memory: the :class:`~ssl_memory.MemoryBank`.
+            groups: a list of index lists (each at least 2 distinct entries, no entry in two), or a
+                (P, 2) integer tensor of pairs (a tensor of pairs may chain: ``[[0, 1], [1, 2]]`` is one group).
+
+        Example::
+
+            >>> merger.add_groups(criterion.memory, [[0, 7], [3, 4, 9]])
+        """
+        _, current = _checked_tables(memory)
+        labels = known_labels(groups, current.numel()).to(current.device)
+        joined = join_partitions(canonical_groups(current), labels)
+        if is_distributed():
+            dist.broadcast(joined, 0)
+        current.copy_(joined)
+
+    @torch.no_grad()
+    def merge(self, memory: nn.Module, embeddings: Embeddings = None) -> MergeReport:
         """Run one round on ``memory`` now, write ``memory.groups`` in place and return the report.
+
+        Args:
+            memory: the :class:`~ssl_memory.MemoryBank`.
+            embeddings: what the round searches, one row per entry: ``None`` for the bank rows, or an
+                (N, D') tensor, or a function returning one, such as the model's embeddings of the
+                unaugmented training samples (see the class docstring for why). Only rank 0 uses (and
+                calls) it under ``torch.distributed``, so a function must not run collectives.
 
         The report is also appended to :attr:`history`.
         """
@@ -440,11 +529,12 @@ class NeighbourMerger(nn.Module):
         merged, error = torch.empty_like(groups), None
         if rank() == 0:
             try:
-                result = self._round(features, groups, share)
+                searched = _searched(features, embeddings)
+                result = self._round(searched, groups, share)
             except Exception as caught:  # any failure must reach the other ranks, not leave them waiting
                 error = caught
             else:
-                merged = result.groups
+                merged = result.groups.to(groups.device)
                 counts = [float(getattr(result, name)) for name in _ROUND_FIELDS[:-1]]
                 header[0] = 1.0
                 header[1:] = torch.tensor([*counts, time.perf_counter() - start], dtype=torch.float64)
@@ -474,7 +564,7 @@ class NeighbourMerger(nn.Module):
         return report
 
     def _round(self, features: torch.Tensor, groups: torch.Tensor, share: float) -> _Round:
-        groups = canonical_groups(groups)
+        groups = canonical_groups(groups.to(features.device))
         search = make_search(self.backend, features.shape[0], features.device, self.chunk_size, self.faiss_threshold)
         sims, ids = search(features, self.max_group_size, groups)
         return merge_round(
@@ -528,6 +618,83 @@ class NeighbourMerger(nn.Module):
             f"initial_share={self.initial_share}, share_growth={self.share_growth}, max_share={self.max_share}, "
             f"min_similarity={self.min_similarity}, backend={self.backend!r}"
         )
+
+
+def known_labels(groups: KnownGroups, num_entries: int) -> torch.Tensor:
+    """Validated user groups as canonical labels over ``num_entries`` entries (singletons elsewhere).
+
+    Example::
+
+        >>> known_labels([[3, 1], [4, 2, 0]], 6)
+        tensor([0, 1, 0, 1, 0, 5])
+    """
+    labels = torch.arange(num_entries)
+    if isinstance(groups, torch.Tensor):
+        if groups.dim() != 2 or groups.shape[1] != 2 or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+            shape = f"{tuple(groups.shape)} {groups.dtype}"
+            raise ValueError(f"groups as a tensor must be (P, 2) integer pairs, got {shape}")
+        pairs = groups.long().cpu()
+        if pairs.numel() and (int(pairs.min()) < 0 or int(pairs.max()) >= num_entries):
+            raise ValueError(f"groups: indices must lie in [0, {num_entries}), got {pairs.min()}..{pairs.max()}")
+        if bool((pairs[:, 0] == pairs[:, 1]).any()):
+            raise ValueError("groups: a pair joins an entry with itself")
+        # Connected components of the pairs: each entry takes the smallest index linked to it, then that
+        # index's own label (pointer jumping), until nothing changes.
+        while True:
+            linked = torch.minimum(labels[pairs[:, 0]], labels[pairs[:, 1]])
+            lowered = labels.scatter_reduce(0, pairs[:, 0], linked, "amin")
+            lowered = lowered.scatter_reduce(0, pairs[:, 1], linked, "amin")
+            lowered = lowered[lowered]
+            if torch.equal(lowered, labels):
+                return labels
+            labels = lowered
+    seen: set[int] = set()
+    for position, members in enumerate(groups):
+        members = [int(m) for m in members]
+        if len(members) < 2 or len(set(members)) != len(members):
+            raise ValueError(f"groups[{position}] must hold at least 2 distinct indices, got {members}")
+        if min(members) < 0 or max(members) >= num_entries:
+            raise ValueError(f"groups[{position}]: indices must lie in [0, {num_entries}), got {members}")
+        if seen.intersection(members):
+            shared = sorted(seen.intersection(members))
+            raise ValueError(f"groups[{position}] shares entries {shared} with an earlier group")
+        seen.update(members)
+        labels[members] = min(members)
+    return labels
+
+
+def join_partitions(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The finest partition coarser than both ``a`` and ``b`` (connected components), canonical.
+
+    Each pass gives every entry the smallest label of its group in ``a``, then in ``b``; labels only
+    fall, so the passes stop when nothing changes (at most the length of the longest chain of groups).
+
+    Example::
+
+        >>> join_partitions(torch.tensor([0, 0, 2, 3]), torch.tensor([0, 1, 1, 3]))
+        tensor([0, 0, 0, 3])
+    """
+    labels = torch.arange(a.numel(), device=a.device)
+    while True:
+        before = labels
+        for partition in (a, b):
+            smallest = torch.full_like(labels, a.numel()).scatter_reduce_(0, partition, labels, "amin")
+            labels = smallest[partition]
+        if torch.equal(labels, before):
+            return canonical_groups(labels)
+
+
+def _searched(features: torch.Tensor, embeddings: Embeddings) -> torch.Tensor:
+    """What a round searches: the bank rows, or the given embeddings after checking them."""
+    if embeddings is None:
+        return features
+    found = embeddings() if callable(embeddings) else embeddings
+    if not isinstance(found, torch.Tensor) or found.dim() != 2 or found.shape[0] != features.shape[0]:
+        shape = tuple(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
+        raise ValueError(f"embeddings must be ({features.shape[0]}, D), one row per bank entry, got {shape}")
+    if not found.dtype.is_floating_point or not bool(torch.isfinite(found).all()):
+        raise ValueError("embeddings must be finite floating-point values")
+    return torch.nn.functional.normalize(found.detach(), dim=1)
 
 
 def _raise_if_failed(header: torch.Tensor, error: BaseException | None) -> None:

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import quality, quality_report, quality_run  # noqa: E402
 from benchmarks.augment import ImageAugment, SignalAugment  # noqa: E402
-from benchmarks.datasets import load, load_mnist1d, protocol_data, random_templates  # noqa: E402
+from benchmarks.datasets import load, load_mnist1d, plant_duplicates, protocol_data, random_templates  # noqa: E402
 from benchmarks.encoders import DigitCNN, ResNet18, SignalCNN  # noqa: E402
-from benchmarks.methods import merge_precision  # noqa: E402
+from benchmarks.methods import build_method, merge_precision, mutual_nearest, planted_metrics  # noqa: E402
 from benchmarks.quality_settings import QUICK, MethodSettings, Settings, resolve  # noqa: E402
 
 
@@ -218,3 +219,96 @@ def test_findings_state_the_goal_each_change_and_the_raw_input():
         "On seen classes (kNN accuracy) the full method is +2.0 points over NPID (the goal at full length is +5: "
         "short by 3.0)."
     ]
+
+
+@pytest.mark.parametrize("kind, shape", [("signal", (50, 40)), ("image", (50, 1, 28, 28))])
+def test_planted_copies_are_near_their_originals_and_kept_as_pairs(kind, shape):
+    from benchmarks.datasets import Split
+
+    if kind == "image":  # smooth images, as digits are: a one-pixel shift moves them little
+        x = F.interpolate(torch.rand(50, 1, 7, 7), size=(28, 28), mode="bilinear", align_corners=False)
+    else:
+        x = torch.randn(shape).cumsum(1) / 3  # smooth signals too
+    split = Split(x, torch.arange(50) % 5)
+    planted, pairs = plant_duplicates(split, 0.2, kind, seed=1)
+    again, same = plant_duplicates(split, 0.2, kind, seed=1)
+    assert torch.equal(planted.x, again.x) and torch.equal(pairs, same)
+    assert pairs.shape == (10, 2) and pairs[:, 0].unique().numel() == 10 and pairs[:, 1].tolist() == list(range(50, 60))
+    assert torch.equal(planted.x[:50], x) and torch.equal(planted.y[pairs[:, 1]], planted.y[pairs[:, 0]])
+    original, copy = planted.x[pairs[:, 0]].flatten(1), planted.x[pairs[:, 1]].flatten(1)
+    assert not torch.equal(original, copy)
+    # a copy is closer to its original than the other samples are, on average
+    assert (copy - original).norm(dim=1).mean() < torch.cdist(copy, x.flatten(1)).mean()
+    if kind == "image":
+        assert planted.x.min() >= 0 and planted.x.max() <= 1
+    with pytest.raises(ValueError, match="fraction"):
+        plant_duplicates(split, 1.5, kind)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_planted_metrics_against_plain_loops(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = 30
+    groups = torch.randint(0, 12, (n,), generator=gen)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    pairs = torch.stack([torch.randperm(20, generator=gen)[:6], torch.arange(20, 26)], 1)
+    searched = torch.randn(n, 5, generator=gen)
+    origin = list(range(n))
+    for a, b in pairs.tolist():
+        origin[b] = a
+    together = [(i, j) for i in range(n) for j in range(i + 1, n) if groups[i] == groups[j]]
+    x = F.normalize(searched, dim=1)
+    sims = (x @ x.T).fill_diagonal_(-2)
+    nearest = sims.argmax(1).tolist()
+    reachable = [(a, b) for a, b in pairs.tolist() if nearest[a] == b and nearest[b] == a]
+    found = planted_metrics(groups, labels, pairs, searched)
+    sizes = torch.bincount(groups)
+    assert found["entries_merged"] == int(sizes[sizes > 1].sum())
+    assert found["class_purity"] == pytest.approx(sum(labels[i] == labels[j] for i, j in together) / len(together))
+    assert found["planted_precision"] == pytest.approx(sum(origin[i] == origin[j] for i, j in together) / len(together))
+    assert found["planted_recall"] == pytest.approx(sum(groups[a] == groups[b] for a, b in pairs.tolist()) / 6)
+    expected = sum(groups[a] == groups[b] for a, b in reachable) / len(reachable) if reachable else None
+    assert found["reachable_recall"] == (pytest.approx(expected) if reachable else None)
+    assert (mutual_nearest(searched) >= 0).sum() % 2 == 0
+    assert planted_metrics(torch.arange(n), labels, None, None) == {
+        "entries_merged": 0, "class_purity": None, "planted_recall": None, "reachable_recall": None,
+        "planted_precision": None,
+    }
+
+
+def test_oracle_needs_planted_pairs_and_starts_with_them_as_groups():
+    encoder = SignalCNN(8, 4)
+    labels = torch.arange(20) % 2
+    with pytest.raises(ValueError, match="--plant-duplicates"):
+        build_method("oracle", encoder, labels, 1, MethodSettings(dim=8), torch.Generator())
+    pairs = torch.tensor([[0, 18], [3, 19]])
+    oracle = build_method("oracle", encoder, labels, 1, MethodSettings(dim=8), torch.Generator(), planted=pairs)
+    groups = oracle.criterion.memory.groups
+    assert groups[18] == groups[0] == 0 and groups[19] == groups[3] == 3 and int((groups == torch.arange(20)).sum()) == 18
+
+
+def test_a_planted_run_records_every_rounds_figures_and_the_oracle(tmp_path):
+    tiny = load_mnist1d(num_samples=300, seed=3)
+    argv = ["--methods", "npid-4v-cons", "full", "oracle", "--plant-duplicates", "0.2", "--epochs", "3",
+            "--eval-every", "3", "--batch-size", "16", "--seeds", "0", "--protocols", "seen", "--workers", "1",
+            "--width", "4", "--merge-warmup", "1", "--merge-ratio", "1.0", "--knn-k", "5",
+            "--merge-kwargs", '{"min_similarity": -1.0}', "--out", str(tmp_path), "--no-progress"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quality_run, "load_data", lambda settings: tiny)
+        printed = []
+        patch.setattr("builtins.print", lambda *args, **kwargs: printed.append(" ".join(map(str, args))))
+        assert quality.main(argv) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    printed = "\n".join(printed)
+    assert "20% of the training samples given a planted near-copy" in printed and "planted recall" in printed
+    runs = {r["method"]: r for r in saved["runs"]}
+    assert all(r["planted_pairs"] == 48 for r in runs.values())  # 20% of the 240 training signals
+    assert runs["oracle"]["final"]["planted_recall"] == 1.0 and runs["oracle"]["final"]["planted_precision"] == 1.0
+    assert len(runs["full"]["merges"]) == 3
+    for round_ in runs["full"]["merges"]:
+        assert round_["entries_merged"] == round_["merged_entries"] > 0 and round_["planted_recall"] is not None
+        for key in ("class_purity", "planted_recall", "reachable_recall", "planted_precision"):
+            assert round_[key] is None or 0 <= round_[key] <= 1
+    rounds = saved["summary"]["seen"]["full"]["merge_rounds"]
+    assert all("planted_precision" in r and "reachable_recall" in r for r in rounds)
+    assert "planted precision" in (tmp_path / "results.md").read_text()

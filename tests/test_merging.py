@@ -61,7 +61,7 @@ def python_round(features, groups, ratio, cap, merged_share, share, floor):
         if not (max(ratios) < ratio and similarity >= floor):
             criterion_rejects += 1
         else:
-            passing.append((-similarity, a, b, similarity))
+            passing.append((max(ratios), a, b, similarity))  # most confident (lowest ratio) first
     passing.sort(key=lambda p: p[0])
     taken = passing[: math.ceil(share * len(passing) - 1e-9)]
     budget = math.floor(merged_share * n + 1e-9) - sum(s for s in size.values() if s > 1)
