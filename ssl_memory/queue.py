@@ -121,7 +121,9 @@ class Queue(Memory):
             check_index_vector("labels", labels, features.shape[0], device)
         elif labels is not None:
             raise ValueError("labels were given to a Queue built with labelled=False; build it with labelled=True")
-        check_values(name, features)
+        # rows must also fit the storage dtype: a float16 ring would store inf for 1e5
+        stored = features if features.dtype == self.slots.dtype else features.to(self.slots.dtype)
+        check_values(name if stored is features else f"{name} (stored as {self.slots.dtype})", stored)
 
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None, gather: bool = True) -> None:
