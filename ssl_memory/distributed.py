@@ -93,6 +93,15 @@ def gather_rows(*tensors: torch.Tensor, error: Exception | None = None) -> tuple
     return tuple(gathered)
 
 
+def agree(error: Exception | None, device: torch.device | str = "cpu") -> None:
+    """Share this rank's verdict on its input with every rank; raise together when any rank failed.
+
+    For a step that writes nothing but must fail on every rank at once (a warm-up step that only
+    counts). Outside distributed runs it raises ``error`` itself, if any.
+    """
+    gather_rows(torch.empty(0, device=device), error=error)
+
+
 @torch.no_grad()
 def broadcast_buffers_(module: nn.Module, src: int = 0) -> None:
     """Overwrite every buffer of ``module`` in place with rank ``src``'s (e.g. BatchNorm statistics)."""

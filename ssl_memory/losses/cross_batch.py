@@ -16,6 +16,7 @@ from .._validation import (
     check_values,
     first_failure,
 )
+from ..distributed import agree
 from ..queue import Queue
 
 # positives this similar are the anchor itself (or an exact duplicate) and are skipped, as in research-xbm
@@ -142,8 +143,9 @@ class CrossBatchLoss(nn.Module):
         start_step: number of calls (with ``update_memory=True``) before the memory is used and filled.
 
     Bad input (shapes, NaN, an empty batch) raises before anything is written; under
-    ``torch.distributed`` (after the warm-up, when the batch is enqueued) every rank raises the same
-    :class:`~ssl_memory.distributed.DistributedInputError`. The loss is float32 under autocast.
+    ``torch.distributed`` every rank raises the same :class:`~ssl_memory.distributed.DistributedInputError`
+    and no rank counts the step, also during the warm-up (where the ranks exchange their verdicts
+    though nothing is enqueued), so the step counters stay equal. The loss is float32 under autocast.
 
     Shape:
         - embeddings: (B, D), any scale (normalised inside); labels: (B,) of any integer dtype
@@ -173,6 +175,7 @@ class CrossBatchLoss(nn.Module):
         self.memory_weight = float(memory_weight)
         self.start_step = start_step
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._step_seen: tuple[tuple[int, int], int] | None = None  # host copy of step, with its key
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
         """The loss of a batch; then, when ``update_memory``, the step is counted and (after the warm-up) enqueued.
@@ -191,11 +194,11 @@ class CrossBatchLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Per-anchor batch and memory terms; enqueues the batch and counts the step when ``update_memory``."""
         queue = self.queue
-        memory_on = int(self.step) >= self.start_step
+        memory_on = self._memory_on()
         error = first_failure(lambda: self._check(embeddings, labels))
         if error is not None:
-            if update_memory and memory_on:  # the other ranks learn of it in the gather: every rank raises
-                queue.write(embeddings, labels, gather=True, error=error)
+            if update_memory:  # the other ranks learn of it: every rank raises, and no rank counts the step
+                self._refuse(embeddings, labels, memory_on, error)
             raise error
         labels = labels.long()
         with torch.autocast(embeddings.device.type, enabled=False):
@@ -217,12 +220,10 @@ class CrossBatchLoss(nn.Module):
         Shape:
             - embeddings: (B, D); labels: (B,)
         """
-        memory_on = int(self.step) >= self.start_step
+        memory_on = self._memory_on()
         error = first_failure(lambda: self._check(embeddings, labels))
         if error is not None:
-            if memory_on:
-                self.queue.write(embeddings, labels, gather=True, error=error)  # raises, on every rank
-            raise error
+            self._refuse(embeddings, labels, memory_on, error)  # raises, on every rank
         unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
         self._write(unit, labels.long(), memory_on)
 
@@ -234,10 +235,27 @@ class CrossBatchLoss(nn.Module):
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
         check_values("embeddings", embeddings)
 
+    def _memory_on(self) -> bool:
+        """Whether the warm-up is over, from a host copy of ``step`` (read from the buffer only when it changed)."""
+        key = (self.step.data_ptr(), self.step._version)
+        if self._step_seen is None or self._step_seen[0] != key:
+            self._step_seen = (key, int(self.step))
+        return self._step_seen[1] >= self.start_step
+
+    def _refuse(self, embeddings: torch.Tensor, labels: torch.Tensor, memory_on: bool, error: Exception) -> None:
+        """Raise ``error`` on every rank: through the enqueue's gather, or during the warm-up a verdict alone."""
+        if memory_on:
+            self.queue.write(embeddings, labels, gather=True, error=error)
+        agree(error, self.step.device)
+
     def _write(self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool) -> None:
         if memory_on:
             self.queue.write(unit, labels, gather=True, error=None)
+        else:
+            agree(None, self.step.device)  # the ranks' verdicts, also during the warm-up: they count steps together
         self.step += 1
+        if self._step_seen is not None:
+            self._step_seen = ((self.step.data_ptr(), self.step._version), self._step_seen[1] + 1)
 
     def extra_repr(self) -> str:
         return (
