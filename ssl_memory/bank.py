@@ -120,12 +120,23 @@ class MemoryBank(Memory):
         """Every entry: (N, D)."""
         return self.features
 
-    def check(self, indices: torch.Tensor, features: torch.Tensor, names: tuple[str, str] = ("indices", "features")):
-        """Raise unless ``features`` is a finite (B, D) tensor and ``indices`` (B,) integers in [0, N), on the bank."""
+    def check(
+        self,
+        indices: torch.Tensor,
+        features: torch.Tensor,
+        names: tuple[str, str] = ("indices", "features"),
+        values: bool = True,
+    ) -> None:
+        """Raise unless ``features`` is a finite (B, D) tensor and ``indices`` (B,) integers in [0, N), on the bank.
+
+        ``values=False`` skips the checks that read the device (finite values, index range): shapes,
+        dtypes and devices only.
+        """
         device = self.features.device
         check_features(names[1], features, self.dim, device)
         check_index_vector(names[0], indices, features.shape[0], device)
-        check_values(names[1], features, indices_name=names[0], indices=indices, upper=self.num_entries)
+        if values:
+            check_values(names[1], features, indices_name=names[0], indices=indices, upper=self.num_entries)
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor, gather: bool = True) -> None:

@@ -141,6 +141,8 @@ class CrossBatchLoss(nn.Module):
         margin: similarity above which a negative pair is penalised.
         memory_weight: :math:`w \ge 0`.
         start_step: number of calls (with ``update_memory=True``) before the memory is used and filled.
+        checks: check that the embeddings are finite, which costs one device sync a step; ``False``
+            keeps only the checks of shapes, dtypes and devices.
 
     Bad input (shapes, NaN, an empty batch) raises before anything is written; under
     ``torch.distributed`` every rank raises the same :class:`~ssl_memory.distributed.DistributedInputError`
@@ -163,7 +165,13 @@ class CrossBatchLoss(nn.Module):
     step: torch.Tensor
 
     def __init__(
-        self, size: int, dim: int, margin: float = 0.5, memory_weight: float = 1.0, start_step: int = 0
+        self,
+        size: int,
+        dim: int,
+        margin: float = 0.5,
+        memory_weight: float = 1.0,
+        start_step: int = 0,
+        checks: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
@@ -174,6 +182,7 @@ class CrossBatchLoss(nn.Module):
         self.margin = float(margin)
         self.memory_weight = float(memory_weight)
         self.start_step = start_step
+        self.checks = bool(checks)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._step_seen: tuple[tuple[int, int], int] | None = None  # host copy of step, with its key
 
@@ -233,7 +242,8 @@ class CrossBatchLoss(nn.Module):
         check_index_vector("labels", labels, embeddings.shape[0], queue.slots.device)
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
-        check_values("embeddings", embeddings)
+        if self.checks:
+            check_values("embeddings", embeddings)
 
     def _memory_on(self) -> bool:
         """Whether the warm-up is over, from a host copy of ``step`` (read from the buffer only when it changed)."""

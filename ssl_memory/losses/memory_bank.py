@@ -51,6 +51,10 @@ class MemoryBankLoss(nn.Module):
             A ``NeighbourMerger`` counts epochs from the samples written to the bank, so its
             ``warmup`` and ``interval`` are in epochs with no further setting.
         memory: an existing :class:`~ssl_memory.MemoryBank` to use instead of building one.
+        checks: check the values of each batch (NaN, indices in range), which costs one device sync a
+            step (the host must read the verdict); ``False`` keeps only the checks of shapes, dtypes and
+            devices, so that the step never waits for the device (an index out of range then fails in
+            the indexing kernel, and a NaN reaches the loss and the bank).
 
     Shape:
         - embeddings: (R, D), any scale (normalised inside), any floating dtype; the loss is float32
@@ -99,6 +103,7 @@ class MemoryBankLoss(nn.Module):
         consistency_mode: str = "pairwise",
         merger: Any = None,
         memory: MemoryBank | None = None,
+        checks: bool = True,
     ) -> None:
         super().__init__()
         check_positive_number("temperature", temperature)
@@ -121,6 +126,7 @@ class MemoryBankLoss(nn.Module):
         self.consistency_weight = float(consistency_weight)
         self.consistency_mode = consistency_mode
         self.merger = merger
+        self.checks = bool(checks)
         self.last: dict[str, Any] = {}
         self._groups_key: tuple | None = None
         self._members: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -198,7 +204,7 @@ class MemoryBankLoss(nn.Module):
         self.last["merge"] = self._write(unit, indices.long())
 
     def _check(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
-        self.memory.check(indices, embeddings, names=("indices", "embeddings"))
+        self.memory.check(indices, embeddings, names=("indices", "embeddings"), values=self.checks)
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
 
@@ -206,23 +212,25 @@ class MemoryBankLoss(nn.Module):
         self.memory.write(indices, unit, gather=True, error=None)
         return self.merger.step(self.memory) if self.merger is not None else None
 
-    def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Entries sorted by group, and for each entry where its group starts and how many it has.
+    def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """Entries sorted by group, for each entry where its group starts and how many it has, and the largest group.
 
         None while every group is a single entry. Recomputed only when ``memory.groups`` changes
-        (a merger writes it in place, which bumps its version counter).
+        (a merger writes it in place, which bumps its version counter): the one device sync here
+        (the largest group's size, which shapes the gather) is paid then, not at every step.
         """
         groups = self.memory.groups
         key = (id(groups), groups.data_ptr(), groups._version)
         if key != self._groups_key:
             order = torch.argsort(groups, stable=True)
             _, rank, counts = torch.unique_consecutive(groups[order], return_inverse=True, return_counts=True)
-            if groups.numel() == 0 or int(counts.max()) == 1:
+            largest = int(counts.max()) if groups.numel() else 0
+            if largest <= 1:
                 self._members = None
             else:
                 entry_rank = torch.empty_like(rank).index_copy_(0, order, rank)
                 starts = counts.cumsum(0) - counts
-                self._members = (order, starts[entry_rank], counts[entry_rank])
+                self._members = (order, starts[entry_rank], counts[entry_rank], largest)
             self._groups_key = key
         return self._members
 
@@ -234,12 +242,15 @@ class MemoryBankLoss(nn.Module):
 
 
 def _group_logsumexp(
-    scores: torch.Tensor, indices: torch.Tensor, members: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    scores: torch.Tensor, indices: torch.Tensor, members: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 ) -> torch.Tensor:
-    """``log sum_{j in G(i_r)} exp(scores[r, j])`` for each row, from a padded (R, G_max) gather."""
-    order, starts, counts = members
+    """``log sum_{j in G(i_r)} exp(scores[r, j])`` for each row, from a padded (R, G_max) gather.
+
+    G_max is the largest group of the bank (known on the host), not of the batch: no device read.
+    """
+    order, starts, counts, largest = members
     row_start, row_count = starts[indices], counts[indices]
-    offsets = torch.arange(int(row_count.max()), device=scores.device)
+    offsets = torch.arange(largest, device=scores.device)
     slots = (row_start.unsqueeze(1) + offsets).clamp_(max=order.numel() - 1)
     picked = scores.gather(1, order[slots])
     picked = picked.masked_fill(offsets >= row_count.unsqueeze(1), float("-inf"))

@@ -51,6 +51,9 @@ class QueueLoss(nn.Module):
         dim: embedding width D.
         temperature: :math:`\tau` (0.07 in MoCo v1, 0.2 in v2).
         mixer: optional :class:`~ssl_memory.HardNegativeMixer` (or any object with its ``similarities``).
+        checks: check the values of each batch (NaN, negative indices), which costs one device sync a
+            step (the host must read the verdict); ``False`` keeps only the checks of shapes, dtypes and
+            devices, so a step never waits for the device, and a NaN then reaches the loss and the queue.
 
     Shape:
         - query: (B, D); key: (B, D); indices: (B,) non-negative integers of any integer dtype, optional
@@ -68,7 +71,9 @@ class QueueLoss(nn.Module):
 
     queue: Queue
 
-    def __init__(self, size: int = 65536, dim: int = 128, temperature: float = 0.2, mixer: Any = None) -> None:
+    def __init__(
+        self, size: int = 65536, dim: int = 128, temperature: float = 0.2, mixer: Any = None, checks: bool = True
+    ) -> None:
         super().__init__()
         check_positive_number("temperature", temperature)
         if mixer is not None and not callable(getattr(mixer, "similarities", None)):
@@ -76,6 +81,7 @@ class QueueLoss(nn.Module):
         self.queue = Queue(size, dim, labelled=True)
         self.temperature = float(temperature)
         self.mixer = mixer
+        self.checks = bool(checks)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None = None, update_memory: bool = True
@@ -152,7 +158,8 @@ class QueueLoss(nn.Module):
             raise ValueError("query must hold at least one row, got shape (0, D)")
         if indices is not None:
             check_index_vector("indices", indices, query.shape[0], device)
-        check_values("query, key", query, key, indices=indices)
+        if self.checks:
+            check_values("query, key", query, key, indices=indices)
 
     def _enqueue(self, unit_keys: torch.Tensor, indices: torch.Tensor | None) -> None:
         ids = indices if indices is not None else unit_keys.new_full((unit_keys.shape[0],), _NO_ID, dtype=torch.long)
