@@ -15,6 +15,8 @@ from .._validation import (
     check_non_negative_number,
     check_values,
     first_failure,
+    raise_for_values,
+    value_flags,
 )
 from ..distributed import agree
 from ..queue import Queue
@@ -26,21 +28,38 @@ _SELF_SIMILARITY = 1 - 1e-5
 _SLACK = 1e-4
 
 
-def equal_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def label_runs(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference labels' sort order, and for each label where its run starts in it and how long it is.
+
+    Shape:
+        - labels: (B,); ref_labels: (R,)
+        - output: order (R,), starts (B,), counts (B,): ``counts.sum()`` is the number of equal-label pairs
+    """
+    ordered, order = torch.sort(ref_labels, stable=True)
+    labels = labels.to(ordered.dtype)
+    low = torch.searchsorted(ordered, labels)
+    return order, low, torch.searchsorted(ordered, labels, right=True) - low
+
+
+def equal_label_pairs(
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    total: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``(i, j)`` with ``labels[i] == ref_labels[j]``, in row-major order, without a (B, R) mask.
 
     Sorting the reference labels once makes this O(R log R + pairs) instead of a (B, R) comparison
-    and a ``nonzero`` over it, which cost more than a whole loss at R = 65,536.
+    and a ``nonzero`` over it, which cost more than a whole loss at R = 65,536. ``runs``
+    (:func:`label_runs`) and ``total`` (the number of pairs, read by the caller) spare recomputing
+    them and the device sync of sizing the output.
 
     Shape:
         - labels: (B,); ref_labels: (R,)
         - output: two (P,) long tensors
     """
-    ordered, order = torch.sort(ref_labels, stable=True)
-    labels = labels.to(ordered.dtype)
-    low = torch.searchsorted(ordered, labels)
-    counts = torch.searchsorted(ordered, labels, right=True) - low
-    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), counts)
+    order, low, counts = runs if runs is not None else label_runs(labels, ref_labels)
+    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), counts, output_size=total)
     starts = torch.cumsum(counts, 0) - counts
     cols = order[low[rows] + torch.arange(rows.numel(), device=labels.device) - starts[rows]]
     return rows, cols
@@ -80,6 +99,35 @@ def pair_similarities(
     return (query @ reference.T)[rows, cols]
 
 
+class _XbmPairs:
+    """The pairs research-xbm's loss sums over, found on the device; their counts are read by the caller.
+
+    Equal labels (:func:`label_runs`) and the other-label pairs above the margin (a (B, R) mask):
+    :attr:`counts` holds both totals, so that listing the pairs (:meth:`loss`) waits for nothing more.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self, query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor,
+        margin: float,
+    ) -> None:
+        self.reference, self.ref_labels, self.margin = reference, ref_labels, margin
+        self.runs = label_runs(labels, ref_labels)
+        similarity = query @ reference.T
+        self.negatives = (similarity > margin - _SLACK) & (labels.unsqueeze(1) != ref_labels.unsqueeze(0))
+        self.counts = torch.stack([self.runs[2].sum(), self.negatives.sum()])
+
+    def loss(self, query: torch.Tensor, labels: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Per-anchor loss (B,), differentiable in ``query``; ``counts`` is :attr:`counts` read on the host."""
+        pos_rows, pos_cols = equal_label_pairs(labels, self.ref_labels, self.runs, counts[0])
+        neg_rows, neg_cols = torch.nonzero_static(self.negatives, size=counts[1]).unbind(1)
+        positive = pair_similarities(query, self.reference, pos_rows, pos_cols)
+        negative = pair_similarities(query, self.reference, neg_rows, neg_cols)
+        per_anchor = query.new_zeros(query.shape[0])
+        per_anchor = per_anchor.index_add(0, pos_rows, torch.where(positive < _SELF_SIMILARITY, 1 - positive, 0))
+        return per_anchor.index_add(0, neg_rows, torch.where(negative > self.margin, negative, 0))
+
+
 def xbm_contrastive(
     query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor, margin: float
 ) -> torch.Tensor:
@@ -97,15 +145,8 @@ def xbm_contrastive(
         - query: (B, D) unit rows; labels: (B,); reference: (R, D) unit rows; ref_labels: (R,)
         - output: (B,)
     """
-    with torch.no_grad():
-        similarity = query @ reference.T
-    pos_rows, pos_cols = equal_label_pairs(labels, ref_labels)
-    neg_rows, neg_cols = pairs_above(similarity, margin, (pos_rows, pos_cols))
-    positive = pair_similarities(query, reference, pos_rows, pos_cols)
-    negative = pair_similarities(query, reference, neg_rows, neg_cols)
-    per_anchor = query.new_zeros(query.shape[0])
-    per_anchor = per_anchor.index_add(0, pos_rows, torch.where(positive < _SELF_SIMILARITY, 1 - positive, 0))
-    return per_anchor.index_add(0, neg_rows, torch.where(negative > margin, negative, 0))
+    pairs = _XbmPairs(query, labels, reference, ref_labels, margin)
+    return pairs.loss(query, labels, pairs.counts.tolist())
 
 
 class CrossBatchLoss(nn.Module):
@@ -212,12 +253,21 @@ class CrossBatchLoss(nn.Module):
         labels = labels.long()
         with torch.autocast(embeddings.device.type, enabled=False):
             unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-            batch = xbm_contrastive(unit, labels, unit, labels, self.margin)
+            sets = [_XbmPairs(unit, labels, unit, labels, self.margin)]
             if memory_on and len(queue) > 0:
                 rows = queue.snapshot(unit.dtype)  # the batch is enqueued before the backward
-                memory = xbm_contrastive(unit, labels, rows, queue.labels, self.margin)
-            else:
-                memory = torch.zeros_like(batch)
+                sets.append(_XbmPairs(unit, labels, rows, queue.labels, self.margin))
+            flags = value_flags(embeddings) if self.checks else unit.new_zeros(0, dtype=torch.long)
+            # the step's one device read: the value checks and the pair counts that size the lists
+            read = torch.cat([flags, *(pairs.counts for pairs in sets)]).tolist()
+            error = first_failure(lambda: raise_for_values("embeddings", read[: flags.numel()]))
+            if error is not None:
+                if update_memory:
+                    self._refuse(embeddings, labels, memory_on, error)
+                raise error
+            counts = read[flags.numel() :]
+            batch = sets[0].loss(unit, labels, counts[:2])
+            memory = sets[1].loss(unit, labels, counts[2:]) if len(sets) > 1 else torch.zeros_like(batch)
         if update_memory:
             self._write(unit.detach(), labels, memory_on)
         return {"batch": batch, "memory": memory}
@@ -230,19 +280,20 @@ class CrossBatchLoss(nn.Module):
             - embeddings: (B, D); labels: (B,)
         """
         memory_on = self._memory_on()
-        error = first_failure(lambda: self._check(embeddings, labels))
+        error = first_failure(lambda: self._check(embeddings, labels, values=self.checks))
         if error is not None:
             self._refuse(embeddings, labels, memory_on, error)  # raises, on every rank
         unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
         self._write(unit, labels.long(), memory_on)
 
-    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor, values: bool = False) -> None:
+        """Shapes, dtypes and devices; the values too when ``values`` (a forward reads them with its pair counts)."""
         queue = self.queue
         check_features("embeddings", embeddings, queue.dim, queue.slots.device)
         check_index_vector("labels", labels, embeddings.shape[0], queue.slots.device)
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
-        if self.checks:
+        if values:
             check_values("embeddings", embeddings)
 
     def _memory_on(self) -> bool:
