@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_non_negative_number, check_positive_number, first_failure
+from .._validation import (
+    check_non_negative_number,
+    check_positive_number,
+    first_failure,
+    raise_for_values,
+    value_flags,
+)
 from ..bank import MemoryBank
-from .consistency import check_mode, consistency_from_log_probs
+from .consistency import check_mode, consistency_from_log_probs, view_layout
 
 
 class MemoryBankLoss(nn.Module):
@@ -152,7 +158,15 @@ class MemoryBankLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The unreduced parts of the loss; updates the memory (and steps the merger) when asked."""
         memory = self.memory
-        error = first_failure(lambda: self._check(embeddings, indices))
+        error = first_failure(lambda: self._check(embeddings, indices, values=False))
+        if error is None:
+            # the step's one device read: the value checks and the views' layout, in one transfer
+            flags = value_flags(embeddings, indices=indices) if self.checks else indices.new_zeros(0, dtype=torch.long)
+            layout = view_layout(indices) if self.consistency_weight > 0 else flags[:0]
+            read = torch.cat([flags, layout]).tolist() if flags.numel() + layout.numel() else []
+            layout = read[flags.numel() :]
+            error = first_failure(lambda: raise_for_values("embeddings", read[: flags.numel()], "indices",
+                                                           memory.num_entries))
         if error is not None:
             if update_memory:  # the other ranks learn of it in the gather: every rank raises together
                 memory.write(indices, embeddings, gather=True, error=error)
@@ -164,7 +178,7 @@ class MemoryBankLoss(nn.Module):
             members = self._group_members()
             if self.consistency_weight > 0:
                 log_probs = F.log_softmax(logits, dim=1)
-                consistency = consistency_from_log_probs(log_probs, indices, self.consistency_mode)
+                consistency = consistency_from_log_probs(log_probs, indices, self.consistency_mode, layout)
                 if members is None:
                     discrimination = -log_probs.gather(1, indices.unsqueeze(1)).squeeze(1)
                 else:
@@ -197,14 +211,14 @@ class MemoryBankLoss(nn.Module):
         Shape:
             - embeddings: (R, D); indices: (R,)
         """
-        error = first_failure(lambda: self._check(embeddings, indices))
+        error = first_failure(lambda: self._check(embeddings, indices, values=self.checks))
         if error is not None:
             self.memory.write(indices, embeddings, gather=True, error=error)  # raises, on every rank
         unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
         self.last["merge"] = self._write(unit, indices.long())
 
-    def _check(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
-        self.memory.check(indices, embeddings, names=("indices", "embeddings"), values=self.checks)
+    def _check(self, embeddings: torch.Tensor, indices: torch.Tensor, values: bool) -> None:
+        self.memory.check(indices, embeddings, names=("indices", "embeddings"), values=values)
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
 
