@@ -149,13 +149,24 @@ class MemoryBank(Memory):
         self.write(indices, features, gather, first_failure(lambda: self.check(indices, features)))
 
     @torch.no_grad()
-    def write(self, indices: torch.Tensor, features: torch.Tensor, gather: bool, error: Exception | None) -> None:
-        """:meth:`update` for callers that checked the rows themselves (``error``: their verdict, or None)."""
+    def write(
+        self,
+        indices: torch.Tensor,
+        features: torch.Tensor,
+        gather: bool,
+        error: Exception | None,
+        counts: list[int] | None = None,
+    ) -> None:
+        """:meth:`update` for callers that checked the rows themselves (``error``: their verdict, or None).
+
+        ``counts``: every rank's row count, when the caller exchanged them already
+        (:func:`~ssl_memory.distributed.share_reads`).
+        """
         if error is not None:  # this rank still joins the gather, with no rows, so every rank can raise
             indices, features = self.groups[:0], self.features.new_empty(0, self.dim, dtype=torch.float32)
         indices, features = indices.long(), unit_rows(features).float()
         if gather:
-            indices, features = gather_rows(indices, features, error=error)
+            indices, features = gather_rows(indices, features, error=error, counts=counts)
         elif error is not None:
             raise error
         if indices.numel() == 0:

@@ -156,14 +156,23 @@ class Queue(Memory):
 
     @torch.no_grad()
     def write(
-        self, features: torch.Tensor, labels: torch.Tensor | None, gather: bool, error: Exception | None
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor | None,
+        gather: bool,
+        error: Exception | None,
+        counts: list[int] | None = None,
     ) -> None:
-        """:meth:`enqueue` for callers that checked the rows themselves (``error``: their verdict, or None)."""
+        """:meth:`enqueue` for callers that checked the rows themselves (``error``: their verdict, or None).
+
+        ``counts``: every rank's row count, when the caller exchanged them already
+        (:func:`~ssl_memory.distributed.share_reads`).
+        """
         if error is not None:  # this rank still joins the gather, with no rows, so every rank can raise
             features, labels = self.slots[:0], self.pointer.new_empty(0)
         tensors = (features.to(self.slots.dtype),) + ((labels.long(),) if self.labelled else ())
         if gather:
-            tensors = gather_rows(*tensors, error=error)
+            tensors = gather_rows(*tensors, error=error, counts=counts)
         elif error is not None:
             raise error
         tensors = [t[-self.size :] for t in tensors]  # only the newest `size` rows can survive

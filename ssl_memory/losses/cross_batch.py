@@ -18,7 +18,7 @@ from .._validation import (
     raise_for_values,
     value_flags,
 )
-from ..distributed import agree
+from ..distributed import agree, share_reads
 from ..queue import Queue
 
 # positives this similar are the anchor itself (or an exact duplicate) and are skipped, as in research-xbm
@@ -245,31 +245,32 @@ class CrossBatchLoss(nn.Module):
         """Per-anchor batch and memory terms; enqueues the batch and counts the step when ``update_memory``."""
         queue = self.queue
         memory_on = self._memory_on()
+        with_memory = memory_on and len(queue) > 0
         error = first_failure(lambda: self._check(embeddings, labels))
-        if error is not None:
-            if update_memory:  # the other ranks learn of it: every rank raises, and no rank counts the step
-                self._refuse(embeddings, labels, memory_on, error)
-            raise error
-        labels = labels.long()
+        num_flags = int(self.checks)
         with torch.autocast(embeddings.device.type, enabled=False):
-            unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-            sets = [_XbmPairs(unit, labels, unit, labels, self.margin)]
-            if memory_on and len(queue) > 0:
-                rows = queue.snapshot(unit.dtype)  # the batch is enqueued before the backward
-                sets.append(_XbmPairs(unit, labels, rows, queue.labels, self.margin))
-            flags = value_flags(embeddings) if self.checks else unit.new_zeros(0, dtype=torch.long)
-            # the step's one device read: the value checks and the pair counts that size the lists
-            read = torch.cat([flags, *(pairs.counts for pairs in sets)]).tolist()
-            error = first_failure(lambda: raise_for_values("embeddings", read[: flags.numel()]))
-            if error is not None:
-                if update_memory:
-                    self._refuse(embeddings, labels, memory_on, error)
-                raise error
-            counts = read[flags.numel() :]
-            batch = sets[0].loss(unit, labels, counts[:2])
-            memory = sets[1].loss(unit, labels, counts[2:]) if len(sets) > 1 else torch.zeros_like(batch)
+            if error is None:
+                labels = labels.long()
+                unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+                sets = [_XbmPairs(unit, labels, unit, labels, self.margin)]
+                if with_memory:
+                    rows = queue.snapshot(unit.dtype)  # the batch is enqueued before the backward
+                    sets.append(_XbmPairs(unit, labels, rows, queue.labels, self.margin))
+                flags = value_flags(embeddings) if self.checks else unit.new_zeros(0, dtype=torch.long)
+                values = torch.cat([flags, *(pairs.counts for pairs in sets)])
+            else:
+                values = torch.zeros(num_flags + 2 + 2 * with_memory, dtype=torch.long, device=queue.slots.device)
+            # the step's one device read: the value checks and the pair counts that size the lists, shared
+            # by the ranks (with their row counts and verdicts) when the step is counted
+            read, counts = share_reads(
+                values, embeddings.shape[0] if error is None else 0, error,
+                lambda read: raise_for_values("embeddings", read[:num_flags]), collective=update_memory,
+            )
+            pair_counts = read[num_flags:]
+            batch = sets[0].loss(unit, labels, pair_counts[:2])
+            memory = sets[1].loss(unit, labels, pair_counts[2:]) if with_memory else torch.zeros_like(batch)
         if update_memory:
-            self._write(unit.detach(), labels, memory_on)
+            self._write(unit.detach(), labels, memory_on, counts)
         return {"batch": batch, "memory": memory}
 
     @torch.no_grad()
@@ -309,10 +310,12 @@ class CrossBatchLoss(nn.Module):
             self.queue.write(embeddings, labels, gather=True, error=error)
         agree(error, self.step.device)
 
-    def _write(self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool) -> None:
+    def _write(
+        self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool, counts: list[int] | None = None
+    ) -> None:
         if memory_on:
-            self.queue.write(unit, labels, gather=True, error=None)
-        else:
+            self.queue.write(unit, labels, gather=True, error=None, counts=counts)
+        elif counts is None:
             agree(None, self.step.device)  # the ranks' verdicts, also during the warm-up: they count steps together
         self.step += 1
         if self._step_seen is not None:

@@ -16,6 +16,7 @@ from .._validation import (
     value_flags,
 )
 from ..bank import MemoryBank
+from ..distributed import share_reads
 from .consistency import check_mode, consistency_from_log_probs, view_layout
 
 
@@ -159,18 +160,23 @@ class MemoryBankLoss(nn.Module):
         """The unreduced parts of the loss; updates the memory (and steps the merger) when asked."""
         memory = self.memory
         error = first_failure(lambda: self._check(embeddings, indices, values=False))
+        # the step's one device read, shared by the ranks when the memory is written: the value
+        # checks, the views' layout, and every rank's row count and verdict
+        num_flags, num_layout = 3 * self.checks, 4 * (self.consistency_weight > 0)
         if error is None:
-            # the step's one device read: the value checks and the views' layout, in one transfer
             flags = value_flags(embeddings, indices=indices) if self.checks else indices.new_zeros(0, dtype=torch.long)
-            layout = view_layout(indices) if self.consistency_weight > 0 else flags[:0]
-            read = torch.cat([flags, layout]).tolist() if flags.numel() + layout.numel() else []
-            layout = read[flags.numel() :]
-            error = first_failure(lambda: raise_for_values("embeddings", read[: flags.numel()], "indices",
-                                                           memory.num_entries))
-        if error is not None:
-            if update_memory:  # the other ranks learn of it in the gather: every rank raises together
-                memory.write(indices, embeddings, gather=True, error=error)
-            raise error
+            layout = view_layout(indices) if num_layout else flags[:0]
+            values = torch.cat([flags, layout])
+        else:
+            values = torch.zeros(num_flags + num_layout, dtype=torch.long, device=memory.features.device)
+        read, counts = share_reads(
+            values,
+            embeddings.shape[0] if error is None else 0,
+            error,
+            lambda read: raise_for_values("embeddings", read[:num_flags], "indices", memory.num_entries),
+            collective=update_memory,
+        )
+        layout = read[num_flags:]
         indices = indices.long()
         with torch.autocast(embeddings.device.type, enabled=False):
             unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
@@ -190,7 +196,7 @@ class MemoryBankLoss(nn.Module):
                 else:
                     discrimination = torch.logsumexp(logits, dim=1) - _group_logsumexp(logits, indices, members)
 
-        report = self._write(unit.detach(), indices) if update_memory else None
+        report = self._write(unit.detach(), indices, counts) if update_memory else None
         detached = discrimination.detach()
         self.last = {
             "discrimination": detached.mean(),
@@ -222,8 +228,8 @@ class MemoryBankLoss(nn.Module):
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
 
-    def _write(self, unit: torch.Tensor, indices: torch.Tensor) -> Any:
-        self.memory.write(indices, unit, gather=True, error=None)
+    def _write(self, unit: torch.Tensor, indices: torch.Tensor, counts: list[int] | None = None) -> Any:
+        self.memory.write(indices, unit, gather=True, error=None, counts=counts)
         return self.merger.step(self.memory) if self.merger is not None else None
 
     def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
