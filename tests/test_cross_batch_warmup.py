@@ -28,7 +28,7 @@ def warmup_nan_worker(rank, world_size):
 
 
 def test_nan_on_one_rank_during_the_warm_up_raises_on_every_rank_and_keeps_the_counters_equal():
-    results = run_distributed(warmup_nan_worker, 2, deadline=60)
+    results = run_distributed(warmup_nan_worker, 2)
     for error, steps_after_error, state in results:
         assert error is not None and "rank(s) [1]" in error and "NaN" in error
         assert steps_after_error == 1 and int(state["step"]) == 4

@@ -84,6 +84,6 @@ def syncs_worker(rank, world_size):
 
 def test_one_sync_per_step_under_torch_distributed_with_or_without_checks():
     # the step's one read also carries every rank's row count and verdict: nothing else reads the device
-    for counts in run_distributed(syncs_worker, 2, deadline=90):
+    for counts in run_distributed(syncs_worker, 2):
         for (case, checks), where in counts.items():
             assert len(where) == 1, (case, checks, where)
