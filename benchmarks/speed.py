@@ -10,6 +10,8 @@ Cases:
     floor               the bare computation above
     queue               ssl_memory.QueueLoss
     queue+mochi         QueueLoss with HardNegativeMixer(1024, 1024, 512)
+    plain-mochi         MoCHi written plainly, as in the paper: the floor plus top-1024 hardest, 1024 pair
+                        mixes and 512 query mixes (i.i.d. draws) materialised, normalised and appended
     bank                ssl_memory.MemoryBankLoss, one view (NPID)
     bank+views          MemoryBankLoss, B/4 samples x 4 views, pairwise consistency, 10% of entries merged
     cross-batch         ssl_memory.CrossBatchLoss (XBM), B/4 classes x 4
@@ -29,9 +31,10 @@ the floor and peak memory) and ``speed.png`` (time against M, log-log).
 
 Examples::
 
-    python benchmarks/speed.py                     # the README's table: M = 4096 .. 262144 on CPU
+    python benchmarks/speed.py                     # the README's table: M = 4096, 16384, 65536 on CPU
     python benchmarks/speed.py --quick             # small M, a few steps: a smoke run
     python benchmarks/speed.py --device cuda       # on a GPU
+    python benchmarks/speed.py --cases floor queue+mochi plain-mochi --out /tmp/speed   # some cases only
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ CASES = (
     "floor",
     "queue",
     "queue+mochi",
+    "plain-mochi",
     "bank",
     "bank+views",
     "cross-batch",
@@ -72,7 +76,8 @@ CASES = (
     "ours-cbm-ms",
     "pml-cbm-ms",
 )
-OURS = tuple(case for case in CASES if case != "floor" and not case.startswith("pml-"))
+OURS = tuple(case for case in CASES if case != "floor" and not case.startswith(("pml-", "plain-")))
+MOCHI = (1024, 1024, 512)  # N hardest, s pair mixes, s' query mixes (MoCHi's ImageNet setting)
 XBM_LOSSES = {  # PML's XBM recipe (research-xbm's margins), and the two other losses of the XBM paper
     "xbm": lambda losses: losses.ContrastiveLoss(pos_margin=1, neg_margin=0.5),
     "triplet": lambda losses: losses.TripletMarginLoss(),
@@ -88,6 +93,22 @@ def _our_pml():
 
 def _unit(rows: int, dim: int, device: str, gen: torch.Generator) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim, generator=gen), dim=1).to(device)
+
+
+def plain_mochi_logits(
+    q: torch.Tensor, queue: torch.Tensor, l_neg: torch.Tensor, num_hard: int, num_mix: int, num_query_mix: int
+) -> torch.Tensor:
+    """MoCHi's synthetic negatives as the paper writes them: built, normalised, then multiplied by q."""
+    batch = q.shape[0]
+    with torch.no_grad():
+        hardest = l_neg.topk(num_hard, dim=1).indices  # (B, N) rows of the queue
+        pick = lambda count: hardest.gather(1, torch.randint(num_hard, (batch, count), device=q.device))  # noqa: E731
+        a = torch.rand(batch, num_mix, 1, device=q.device)
+        pair = a * queue[pick(num_mix)] + (1 - a) * queue[pick(num_mix)]
+        b = torch.rand(batch, num_query_mix, 1, device=q.device) / 2
+        with_query = b * q.detach().unsqueeze(1) + (1 - b) * queue[pick(num_query_mix)]
+        mixes = F.normalize(torch.cat([pair, with_query], dim=1), dim=2)
+    return torch.einsum("bd,bsd->bs", q, mixes)
 
 
 def build_step(case: str, size: int, batch: int, dim: int, device: str) -> Callable[[], None]:
@@ -111,15 +132,19 @@ def build_step(case: str, size: int, batch: int, dim: int, device: str) -> Calla
         embeddings.grad = None
         loss.backward()
 
-    if case == "floor":
+    if case in ("floor", "plain-mochi"):
         queue = _unit(size, dim, device, gen)
         pointer = [0]
         target = torch.zeros(batch, dtype=torch.long, device=device)
+        mochi = case == "plain-mochi"
 
         def step():
             q = F.normalize(embeddings, dim=1)
-            logits = torch.cat([(q * keys).sum(1, keepdim=True), q @ queue.T], dim=1) / TEMPERATURE
-            backward(F.cross_entropy(logits, target))
+            l_neg = q @ queue.T
+            parts = [(q * keys).sum(1, keepdim=True), l_neg]
+            if mochi:
+                parts.append(plain_mochi_logits(q, queue, l_neg, *MOCHI))
+            backward(F.cross_entropy(torch.cat(parts, dim=1) / TEMPERATURE, target))
             with torch.no_grad():
                 rows = (pointer[0] + torch.arange(batch, device=device)) % size
                 queue[rows] = keys
@@ -128,7 +153,7 @@ def build_step(case: str, size: int, batch: int, dim: int, device: str) -> Calla
         return step
 
     if case in ("queue", "queue+mochi"):
-        mixer = ssl_memory.HardNegativeMixer(1024, 1024, 512) if case == "queue+mochi" else None
+        mixer = ssl_memory.HardNegativeMixer(*MOCHI) if case == "queue+mochi" else None
         criterion = ssl_memory.QueueLoss(size, dim, temperature=TEMPERATURE, mixer=mixer).to(device)
         filled(criterion.queue, lambda m, rows, start: m.enqueue(rows, torch.arange(rows.shape[0]) + start + size))
         return lambda: backward(criterion(embeddings, keys))
@@ -281,13 +306,13 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--time-limit", type=float, default=240.0, help="seconds per case, setup included")
     parser.add_argument("--memory-limit-gb", type=float, default=20.0, help="address-space limit per case (CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed")

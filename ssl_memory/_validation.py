@@ -51,6 +51,31 @@ def _raise_out_of_range(name: str, low: int, high: int, upper: int | None) -> No
         raise ValueError(f"{name} must lie in [0, {upper}), got values in [{low}, {high}]")
 
 
+def value_flags(*features: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+    """The data-dependent checks of one step as a device tensor, not yet read: see :func:`raise_for_values`.
+
+    One flag per tensor of ``features`` (1 when every value is finite), then the minimum and maximum
+    of ``indices`` when given and not empty. A caller may read it together with other values of the
+    step, in one transfer.
+    """
+    flags = [torch.isfinite(f).all().to(torch.long) for f in features]
+    if indices is not None and indices.numel() > 0:
+        flags += list(torch.aminmax(indices.to(torch.long)))
+    return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.long)
+
+
+def raise_for_values(
+    features_name: str, values: list[int], indices_name: str = "indices", upper: int | None = None
+) -> None:
+    """Raise for the flags of :func:`value_flags` once read (``values``, a list of ints)."""
+    names = features_name.split(",")
+    for name, finite in zip(names, values):
+        if not finite:
+            raise ValueError(f"{name.strip()} contain NaN or infinite values")
+    if len(values) > len(names):
+        _raise_out_of_range(indices_name, values[-2], values[-1], upper)
+
+
 def check_values(
     features_name: str,
     *features: torch.Tensor,
@@ -63,19 +88,9 @@ def check_values(
     The data-dependent checks of one step, read back from the device in one transfer (one sync).
     ``features_name`` names the tensors, separated by commas when there are several.
     """
-    names = features_name.split(",")
-    flags = [torch.isfinite(f).all().to(torch.long) for f in features]
-    with_range = indices is not None and indices.numel() > 0
-    if with_range:
-        flags += list(torch.aminmax(indices.to(torch.long)))
-    if not flags:
-        return
-    values = torch.stack(flags).tolist()
-    for name, finite in zip(names, values):
-        if not finite:
-            raise ValueError(f"{name.strip()} contain NaN or infinite values")
-    if with_range:
-        _raise_out_of_range(indices_name, values[-2], values[-1], upper)
+    flags = value_flags(*features, indices=indices)
+    if flags.numel():
+        raise_for_values(features_name, flags.tolist(), indices_name, upper)
 
 
 def first_failure(check: Callable[[], None]) -> Exception | None:

@@ -16,7 +16,7 @@ from ._validation import (
     loaded_tensor,
 )
 from .distributed import gather_rows
-from .memory import Memory
+from .memory import Memory, unit_rows
 
 
 class MemoryBank(Memory):
@@ -103,22 +103,40 @@ class MemoryBank(Memory):
 
     @property
     def num_written(self) -> int:
-        """``samples_written`` as an int, from a host copy: no device sync unless the buffer changed elsewhere."""
+        """``samples_written`` as an int, read from the buffer whenever it changed since the last read.
+
+        Derived from the buffer (never counted on the host beside it), so it cannot drift from it, even
+        when several threads write the bank: a read after the writes gives their total. Reading costs
+        a device sync once per write; only a merger's schedule reads it.
+        """
         key = (self.samples_written.data_ptr(), self.samples_written._version)
-        if self._written is None or self._written[0] != key:
-            self._written = (key, int(self.samples_written))
-        return self._written[1]
+        cached = self._written
+        if cached is None or cached[0] != key:
+            cached = (key, int(self.samples_written))
+            self._written = cached
+        return cached[1]
 
     def readable(self) -> torch.Tensor:
         """Every entry: (N, D)."""
         return self.features
 
-    def check(self, indices: torch.Tensor, features: torch.Tensor, names: tuple[str, str] = ("indices", "features")):
-        """Raise unless ``features`` is a finite (B, D) tensor and ``indices`` (B,) integers in [0, N), on the bank."""
+    def check(
+        self,
+        indices: torch.Tensor,
+        features: torch.Tensor,
+        names: tuple[str, str] = ("indices", "features"),
+        values: bool = True,
+    ) -> None:
+        """Raise unless ``features`` is a finite (B, D) tensor and ``indices`` (B,) integers in [0, N), on the bank.
+
+        ``values=False`` skips the checks that read the device (finite values, index range): shapes,
+        dtypes and devices only.
+        """
         device = self.features.device
         check_features(names[1], features, self.dim, device)
         check_index_vector(names[0], indices, features.shape[0], device)
-        check_values(names[1], features, indices_name=names[0], indices=indices, upper=self.num_entries)
+        if values:
+            check_values(names[1], features, indices_name=names[0], indices=indices, upper=self.num_entries)
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, features: torch.Tensor, gather: bool = True) -> None:
@@ -131,25 +149,46 @@ class MemoryBank(Memory):
         self.write(indices, features, gather, first_failure(lambda: self.check(indices, features)))
 
     @torch.no_grad()
-    def write(self, indices: torch.Tensor, features: torch.Tensor, gather: bool, error: Exception | None) -> None:
-        """:meth:`update` for callers that checked the rows themselves (``error``: their verdict, or None)."""
+    def write(
+        self,
+        indices: torch.Tensor,
+        features: torch.Tensor,
+        gather: bool,
+        error: Exception | None,
+        counts: list[int] | None = None,
+    ) -> None:
+        """:meth:`update` for callers that checked the rows themselves (``error``: their verdict, or None).
+
+        ``counts``: every rank's row count, when the caller exchanged them already
+        (:func:`~ssl_memory.distributed.share_reads`).
+        """
         if error is not None:  # this rank still joins the gather, with no rows, so every rank can raise
             indices, features = self.groups[:0], self.features.new_empty(0, self.dim, dtype=torch.float32)
-        indices, features = indices.long(), features.float()
+        indices, features = indices.long(), unit_rows(features).float()
         if gather:
-            indices, features = gather_rows(indices, features, error=error)
+            indices, features = gather_rows(indices, features, error=error, counts=counts)
         elif error is not None:
             raise error
-        rows, inverse = indices.unique(return_inverse=True)
-        unit = F.normalize(features, dim=1)
-        sums = unit.new_zeros(rows.numel(), self.dim).index_add_(0, inverse, unit)
-        mean = sums / torch.bincount(inverse, minlength=rows.numel()).unsqueeze(1)
-        old = self.features[rows].float()
-        new = F.normalize(self.momentum * old + (1 - self.momentum) * mean, dim=1)
-        self.features.index_copy_(0, rows, new.to(self.features.dtype))
-        written = self.num_written + rows.numel()
-        self.samples_written.add_(rows.numel())
-        self._written = ((self.samples_written.data_ptr(), self.samples_written._version), written)
+        if indices.numel() == 0:
+            return
+        # Rows sharing an index form a segment of the sorted indices: their mean is summed per segment,
+        # and every row then writes its segment's value (equal for equal indices, so duplicates agree).
+        # No unique(): nothing here waits for the device.
+        ordered, order = torch.sort(indices)
+        starts = torch.ones_like(ordered, dtype=torch.bool)
+        starts[1:] = ordered[1:] != ordered[:-1]
+        segment = torch.empty_like(order).index_copy_(0, order, starts.cumsum(0) - 1)
+        unit = unit_rows(features)
+        sums = unit.new_zeros(unit.shape).index_add_(0, segment, unit)
+        views = unit.new_zeros(unit.shape[0]).index_add_(0, segment, unit.new_ones(unit.shape[0]))
+        mean = (sums / views.clamp(min=1).unsqueeze(1))[segment]
+        old = self.features[indices].float()
+        moved = self.momentum * old + (1 - self.momentum) * mean
+        # views that cancel exactly (v and -v) leave no direction to move to: the entry keeps its value
+        norm = moved.norm(dim=1, keepdim=True)
+        new = torch.where(norm > 0, moved / norm.clamp(min=1e-30), old)
+        self.features.index_copy_(0, indices, new.to(self.features.dtype))
+        self.samples_written.add_(starts.sum())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         features = loaded_tensor(state_dict, prefix, "features", (self.num_entries, self.dim), floating=True)

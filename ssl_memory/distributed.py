@@ -12,6 +12,8 @@ in a collective, and the next step starts with every rank in step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -46,7 +48,9 @@ def raise_together(failures: list[int], error: Exception | None) -> None:
     ) from error
 
 
-def gather_rows(*tensors: torch.Tensor, error: Exception | None = None) -> tuple[torch.Tensor, ...]:
+def gather_rows(
+    *tensors: torch.Tensor, error: Exception | None = None, counts: list[int] | None = None
+) -> tuple[torch.Tensor, ...]:
     """Concatenate each tensor's rows from all ranks, in rank order, or raise on every rank together.
 
     Ranks may hold different numbers of rows (a short last batch); all tensors of one call share
@@ -58,6 +62,8 @@ def gather_rows(*tensors: torch.Tensor, error: Exception | None = None) -> tuple
     Args:
         tensors: tensors with the same first dimension on this rank.
         error: this rank's failed check, or None.
+        counts: every rank's row count, when the caller already exchanged them (:func:`share_reads`):
+            the header, and its device sync, are then skipped.
 
     Returns:
         The gathered tensors, ``sum(rows of each rank)`` rows each.
@@ -74,13 +80,14 @@ def gather_rows(*tensors: torch.Tensor, error: Exception | None = None) -> tuple
             raise error
         return tensors
     world = dist.get_world_size()
-    header = torch.tensor([0 if error else tensors[0].shape[0], int(error is None)], device=tensors[0].device)
-    headers = [torch.empty_like(header) for _ in range(world)]
-    dist.all_gather(headers, header)
-    counts, verdicts = torch.stack(headers).T.tolist()
-    failures = [r for r, ok in enumerate(verdicts) if not ok]
-    if failures:
-        raise_together(failures, error)
+    if counts is None:
+        header = torch.tensor([0 if error else tensors[0].shape[0], int(error is None)], device=tensors[0].device)
+        headers = [torch.empty_like(header) for _ in range(world)]
+        dist.all_gather(headers, header)
+        counts, verdicts = torch.stack(headers).T.tolist()
+        failures = [r for r, ok in enumerate(verdicts) if not ok]
+        if failures:
+            raise_together(failures, error)
     longest = max(counts)
     gathered = []
     for tensor in tensors:
@@ -91,6 +98,62 @@ def gather_rows(*tensors: torch.Tensor, error: Exception | None = None) -> tuple
         dist.all_gather(pieces, padded)
         gathered.append(torch.cat([piece[:count] for piece, count in zip(pieces, counts)]))
     return tuple(gathered)
+
+
+def share_reads(
+    values: torch.Tensor,
+    rows: int,
+    error: Exception | None,
+    judge: Callable[[list[int]], None],
+    collective: bool = True,
+) -> tuple[list[int], list[int] | None]:
+    """A step's one device read, shared by every rank: its ``values``, every rank's row count and verdict.
+
+    Each rank passes its own values to read (e.g. the flags of :func:`~ssl_memory._validation.value_flags`),
+    its row count and its verdict on the shapes (``error``); one ``all_gather`` and one transfer to
+    the host give every rank all of them. ``judge(values)`` raises for bad values; it is applied to
+    every rank's values on every rank, so all ranks find the same failures and raise the same
+    :class:`DistributedInputError` together. Outside distributed runs, or with ``collective=False``
+    (a step that writes nothing, so that ranks need not agree), ``error`` or ``judge``'s error is
+    raised here. ``values`` must have the same length on every rank (zeros where ``error``).
+
+    Returns:
+        This rank's values as a list, and every rank's row count (None outside distributed runs)
+        for :func:`gather_rows`.
+    """
+    if not (collective and is_distributed()):
+        if error is not None:
+            raise error
+        read = values.tolist() if values.numel() else []
+        judge(read)
+        return read, None
+    world = dist.get_world_size()
+    header = torch.cat([values.new_tensor([int(error is None), 0 if error else rows]), values.long()])
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header)
+    table = torch.stack(headers).tolist()
+    failures, mine = [], error
+    for r, (ok, _, *read) in enumerate(table):
+        try:
+            if not ok:
+                raise ValueError("bad input")
+            judge(read)
+        except (TypeError, ValueError) as caught:
+            failures.append(r)
+            if r == rank() and mine is None:
+                mine = caught
+    if failures:
+        raise_together(failures, mine)
+    return table[rank()][2:], [row[1] for row in table]
+
+
+def agree(error: Exception | None, device: torch.device | str = "cpu") -> None:
+    """Share this rank's verdict on its input with every rank; raise together when any rank failed.
+
+    For a step that writes nothing but must fail on every rank at once (a warm-up step that only
+    counts). Outside distributed runs it raises ``error`` itself, if any.
+    """
+    gather_rows(torch.empty(0, device=device), error=error)
 
 
 @torch.no_grad()

@@ -12,7 +12,23 @@ forwards, double backward and ``torch.compile`` all see plain autograd.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    r"""Each row divided by its norm, without overflow: rows are scaled by their largest entry first.
+
+    ``F.normalize`` squares the entries, so a float64 row of 1e300 (or a float16 row of 300) gives
+    inf, then NaN or 0; here :math:`x / \max|x|` has entries in [-1, 1] before its norm is taken. A
+    zero row stays zero.
+
+    Shape:
+        - rows: (B, D); output: (B, D), same dtype
+    """
+    peak = rows.abs().amax(dim=1, keepdim=True) if rows.shape[1] else rows.new_zeros(rows.shape[0], 1)
+    scaled = rows / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return F.normalize(scaled, dim=1)
 
 
 class Memory(nn.Module):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_matrix, check_non_negative_int, check_positive_int
-
-_CHUNK = 64  # queries per block when gathering pair rows: bounds the temporary (chunk, S, D) tensors
 
 
 class HardNegativeMixer(nn.Module):
@@ -22,11 +22,24 @@ class HardNegativeMixer(nn.Module):
         \qquad
         h' = \frac{b\,q + (1 - b)\,n_j}{\lVert b\,q + (1 - b)\,n_j \rVert},\ b \sim U(0, \tfrac12),
 
-    with :math:`i, j` drawn uniformly among the query's own K hardest and :math:`q` detached. Everything
-    is computed without gradient and batched over queries (one ``topk`` and a few gathers); the caller
-    appends :math:`q \cdot h / \tau` to that query's logits only and never stores the mixes.
+    with :math:`q` detached. Each mix uses a query's own hardest negatives only. Everything is computed
+    without gradient and batched over queries (one ``topk`` and a few gathers); the caller appends
+    :math:`q \cdot h / \tau` to that query's logits only and never stores the mixes.
     :meth:`similarities` gives those dot products directly, from the logits the caller already
     holds, without materialising the (B, S, D) mixes (what :class:`~ssl_memory.QueueLoss` uses).
+
+    The draw. :math:`j` of a query mix is uniform over the K hardest (i.i.d.). A pair mix needs the
+    norm of :math:`a n_i + (1-a) n_j`, hence :math:`n_i \cdot n_j`: drawing the ``num_mix`` pairs
+    i.i.d. over all K hardest, as MoCHi does, reads 2 x ``num_mix`` rows of D floats per query, which
+    at B = 256, s = 1024 is 268 MB of scattered reads a step and cost 6-50x MoCo's whole step on CPU
+    (``benchmarks/speed.py``, ``plain-mochi``). Instead each query draws a uniform random subset of
+    r of its K hardest, the smallest r with :math:`r(r-1)/2 \ge` ``num_mix``, and takes ``num_mix``
+    distinct pairs of that subset (all of them when there are exactly ``num_mix``); their dot products
+    come from one small (r, r) Gram matrix per query (46 rows for s = 1024). Every pair mix is still
+    a uniformly drawn pair of distinct entries among the query's K hardest (the subset is uniform and
+    in random order), and a query's pair mixes are distinct pairs; what changes is that its mixes are
+    not independent of each other (they share the subset's r entries). When fewer than r entries are
+    available, the pairs are drawn i.i.d. among them (:math:`i \ne j`).
 
     Fewer candidates than asked: a query uses the K = min(``num_hard``, available) negatives it has.
     With a single candidate the pair mixes are that negative itself (no distinct pair exists); a query
@@ -74,9 +87,19 @@ class HardNegativeMixer(nn.Module):
         self.num_query_mix = num_query_mix
         self.generator = generator
 
+    def subset_size(self, available: int) -> int:
+        """r: the smallest subset with ``num_mix`` distinct pairs, at most ``available`` (and at least 1)."""
+        r = max(2, math.ceil((1 + math.sqrt(1 + 8 * self.num_mix)) / 2))
+        return max(1, min(r, available))
+
     @torch.no_grad()
     def _draw(self, query: torch.Tensor, negatives: torch.Tensor, logits: torch.Tensor | None) -> dict | None:
-        """Each query's hardest negatives and the random draws of its mixes (None when nothing to mix)."""
+        """Each query's hardest negatives and the random draws of its mixes (None when nothing to mix).
+
+        Returns rows of ``negatives``: ``subset`` (B, r), the pair mixes' ``i``, ``j`` (B, num_mix)
+        and the query mixes' ``m`` (B, num_query_mix); ``p``, ``q`` are the pairs' positions in
+        ``subset``; ``a``, ``b`` the coefficients; ``empty`` (B, 1) marks queries with no negative.
+        """
         check_matrix("query", query)
         check_matrix("negatives", negatives, query.shape[1], rows="M")
         num_queries, num_negatives = query.shape[0], negatives.shape[0]
@@ -94,7 +117,7 @@ class HardNegativeMixer(nn.Module):
         available = torch.isfinite(top.values).sum(1, keepdim=True)  # masked entries sort last
         pool = available.clamp(min=1)
 
-        def draw(count: int, high: torch.Tensor) -> torch.Tensor:
+        def uniform(count: int, high: torch.Tensor) -> torch.Tensor:
             """``count`` uniform integers in [0, high) for each query (high is (B, 1))."""
             u = torch.rand(num_queries, count, generator=self.generator, device=device, dtype=torch.float64)
             return torch.minimum((u * high).long(), high - 1)
@@ -102,16 +125,25 @@ class HardNegativeMixer(nn.Module):
         def coefficient(count: int, high: float) -> torch.Tensor:
             return torch.rand(num_queries, count, generator=self.generator, device=device, dtype=dtype) * high
 
-        i = draw(self.num_mix, pool)
-        j = draw(self.num_mix, (pool - 1).clamp(min=1))
-        j = torch.where(pool >= 2, j + (j >= i).long(), i)  # j uniform over the others, i != j
+        # a uniform random r-subset of each query's available hardest, in random order
+        r = self.subset_size(k)
+        scores = torch.rand(num_queries, k, generator=self.generator, device=device)
+        scores.masked_fill_(torch.arange(k, device=device) >= pool, -1.0)
+        subset = top.indices.gather(1, scores.topk(r, dim=1).indices)
+        # distinct pairs of the subset when it is full; otherwise i.i.d. pairs (i != j) of what there is
+        held = pool.clamp(max=r)
+        p = uniform(self.num_mix, held)
+        q = uniform(self.num_mix, (held - 1).clamp(min=1))
+        q = torch.where(held >= 2, q + (q >= p).long(), p)
+        if r * (r - 1) // 2 >= self.num_mix:
+            fixed = torch.triu_indices(r, r, 1, device=device)[:, : self.num_mix]
+            full = held == r
+            p, q = torch.where(full, fixed[0], p), torch.where(full, fixed[1], q)
         a = coefficient(self.num_mix, 1.0)
         b = coefficient(self.num_query_mix, 0.5)
-        m = draw(self.num_query_mix, pool)
-        # positions in each query's own top-k list -> rows of `negatives`
-        hardest = top.indices
-        return {"i": hardest.gather(1, i), "j": hardest.gather(1, j), "a": a, "m": hardest.gather(1, m), "b": b,
-                "empty": available == 0}
+        m = top.indices.gather(1, uniform(self.num_query_mix, pool))
+        return {"subset": subset, "p": p, "q": q, "i": subset.gather(1, p), "j": subset.gather(1, q), "a": a,
+                "m": m, "b": b, "empty": available == 0}
 
     @torch.no_grad()
     def forward(self, query: torch.Tensor, negatives: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,13 +164,13 @@ class HardNegativeMixer(nn.Module):
         With :math:`L = q \cdot n` the given logits and :math:`\hat q = q / \lVert q \rVert` detached,
 
         .. math::
-            q \cdot h = \frac{a L_i + (1 - a) L_j}{\lVert a n_i + (1 - a) n_j \rVert}, \qquad
+            q \cdot h = \frac{a L_i + (1 - a) L_j}{\sqrt{a^2 + (1 - a)^2 + 2 a (1 - a)\, n_i \cdot n_j}}, \qquad
             q \cdot h' = \frac{b\, q \cdot \hat q + (1 - b) L_j}
                 {\sqrt{b^2 + (1 - b)^2 + 2 b (1 - b)\, \hat q \cdot n_j}},
 
         so gradients reach ``query`` through ``logits`` and equal the (fixed) mixes, exactly as
-        ``query @ h`` would, while only the pair mixes' norms need rows of ``negatives`` (one dot
-        product per pair, in chunks of queries) and no (B, S, D) tensor is kept.
+        ``query @ h`` would. The :math:`n_i \cdot n_j` come from each query's (r, r) Gram matrix of
+        its drawn subset (see the class), so no (B, S, D) tensor is built.
 
         Args:
             query: (B, D), any scale (a query already divided by a temperature is fine).
@@ -153,18 +185,19 @@ class HardNegativeMixer(nn.Module):
         dtype = torch.promote_types(query.dtype, torch.float32)
         if plan is None:
             return logits.new_full((query.shape[0], self.num_mix + self.num_query_mix), float("-inf"))
+        subset, p, q = plan["subset"], plan["p"], plan["q"]
         with torch.no_grad():
             scale = query.detach().to(dtype).norm(dim=1, keepdim=True)
             unit = query.detach().to(dtype) / scale
             a, b = plan["a"], plan["b"]
-            cosine = torch.cat([
-                torch.linalg.vecdot(negatives[i].to(dtype), negatives[j].to(dtype), dim=2)
-                for i, j in zip(plan["i"].split(_CHUNK), plan["j"].split(_CHUNK))
-            ])
+            rows = negatives[subset].to(dtype)  # (B, r, D)
+            gram = torch.bmm(rows, rows.transpose(1, 2)).flatten(1)
+            cosine = gram.gather(1, p * subset.shape[1] + q)
             pair_norm = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * cosine).clamp_min(1e-12).sqrt()
             query_cosine = logits.detach().gather(1, plan["m"]) / scale
             query_norm = (b * b + (1 - b) ** 2 + 2 * b * (1 - b) * query_cosine).clamp_min(1e-12).sqrt()
-        pair = (a * logits.gather(1, plan["i"]) + (1 - a) * logits.gather(1, plan["j"])) / pair_norm
+        held = logits.gather(1, subset)
+        pair = (a * held.gather(1, p) + (1 - a) * held.gather(1, q)) / pair_norm
         self_similarity = torch.linalg.vecdot(query.to(dtype), unit, dim=1).unsqueeze(1)  # = |query|, grad unit
         with_query = (b * self_similarity + (1 - b) * logits.gather(1, plan["m"])) / query_norm
         mixed = torch.cat([pair, with_query], dim=1)

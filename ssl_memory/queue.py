@@ -74,6 +74,16 @@ class Queue(Memory):
         self.register_buffer("slot_labels", torch.zeros(size, dtype=torch.long, device=device) if labelled else None)
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device))
+        self._count: tuple[tuple[int, int], int] | None = None  # host copy of count, with its key
+
+    def _filled(self) -> int:
+        """``count`` as an int, from a host copy kept by :meth:`write`: a device sync only after an outside change."""
+        key = (self.count.data_ptr(), self.count._version)
+        cached = self._count
+        if cached is None or cached[0] != key:
+            cached = (key, int(self.count))
+            self._count = cached
+        return cached[1]
 
     @property
     def size(self) -> int:
@@ -84,7 +94,7 @@ class Queue(Memory):
         return self.slots.shape[1]
 
     def __len__(self) -> int:
-        return int(self.count)
+        return self._filled()
 
     def readable(self) -> torch.Tensor:
         """The filled rows (:attr:`features`)."""
@@ -92,12 +102,12 @@ class Queue(Memory):
 
     @property
     def is_full(self) -> bool:
-        return int(self.count) == self.size
+        return self._filled() == self.size
 
     @property
     def features(self) -> torch.Tensor:
         """The valid rows (a view, not a copy)."""
-        return self.slots[: int(self.count)]
+        return self.slots[: self._filled()]
 
     @property
     def labels(self) -> torch.Tensor:
@@ -105,14 +115,20 @@ class Queue(Memory):
         if self.slot_labels is None:
             # not AttributeError: nn.Module.__getattr__ would replace this message with a generic one
             raise RuntimeError("this Queue was built with labelled=False and keeps no labels")
-        return self.slot_labels[: int(self.count)]
+        return self.slot_labels[: self._filled()]
 
     def next_slots(self, num_rows: int) -> torch.Tensor:
         """The slots that enqueuing ``num_rows`` rows (at most ``size``) will write, in order."""
         return (self.pointer + torch.arange(num_rows, device=self.slots.device)) % self.size
 
-    def check(self, features: torch.Tensor, labels: torch.Tensor | None = None, name: str = "features") -> None:
-        """Raise unless ``features`` is a finite (B, D) tensor on the queue's device, with (B,) labels iff labelled."""
+    def check(
+        self, features: torch.Tensor, labels: torch.Tensor | None = None, name: str = "features", values: bool = True
+    ) -> None:
+        """Raise unless ``features`` is a finite (B, D) tensor on the queue's device, with (B,) labels iff labelled.
+
+        ``values=False`` skips the one check that reads the device (finite values): shapes, dtypes and
+        devices only.
+        """
         device = self.slots.device
         check_features(name, features, self.dim, device)
         if self.labelled:
@@ -121,7 +137,11 @@ class Queue(Memory):
             check_index_vector("labels", labels, features.shape[0], device)
         elif labels is not None:
             raise ValueError("labels were given to a Queue built with labelled=False; build it with labelled=True")
-        check_values(name, features)
+        if not values:
+            return
+        # rows must also fit the storage dtype: a float16 ring would store inf for 1e5
+        stored = features if features.dtype == self.slots.dtype else features.to(self.slots.dtype)
+        check_values(name if stored is features else f"{name} (stored as {self.slots.dtype})", stored)
 
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor | None = None, gather: bool = True) -> None:
@@ -136,26 +156,37 @@ class Queue(Memory):
 
     @torch.no_grad()
     def write(
-        self, features: torch.Tensor, labels: torch.Tensor | None, gather: bool, error: Exception | None
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor | None,
+        gather: bool,
+        error: Exception | None,
+        counts: list[int] | None = None,
     ) -> None:
-        """:meth:`enqueue` for callers that checked the rows themselves (``error``: their verdict, or None)."""
+        """:meth:`enqueue` for callers that checked the rows themselves (``error``: their verdict, or None).
+
+        ``counts``: every rank's row count, when the caller exchanged them already
+        (:func:`~ssl_memory.distributed.share_reads`).
+        """
         if error is not None:  # this rank still joins the gather, with no rows, so every rank can raise
             features, labels = self.slots[:0], self.pointer.new_empty(0)
         tensors = (features.to(self.slots.dtype),) + ((labels.long(),) if self.labelled else ())
         if gather:
-            tensors = gather_rows(*tensors, error=error)
+            tensors = gather_rows(*tensors, error=error, counts=counts)
         elif error is not None:
             raise error
         tensors = [t[-self.size :] for t in tensors]  # only the newest `size` rows can survive
         num_rows = tensors[0].shape[0]
         if num_rows == 0:
             return
+        filled = self._filled()
         slots = self.next_slots(num_rows)
         self.slots.index_copy_(0, slots, tensors[0])
         if self.labelled:
             self.slot_labels.index_copy_(0, slots, tensors[1])
         self.pointer.add_(num_rows).remainder_(self.size)
         self.count.add_(num_rows).clamp_(max=self.size)
+        self._count = ((self.count.data_ptr(), self.count._version), min(filled + num_rows, self.size))
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -148,3 +148,66 @@ def test_similarities_equal_the_mixes_dotted_with_the_query_values_and_gradients
     (direct * weights).sum().backward()
     torch.testing.assert_close(closed, direct)
     torch.testing.assert_close(query.grad, reference.grad)
+
+
+@pytest.mark.parametrize("num_hard, num_mix", [(12, 10), (12, 80), (30, 45)])  # subset pairs; i.i.d. fallback; r=10
+def test_similarities_equal_a_plain_loop_over_the_same_draws_from_each_querys_own_negatives(num_hard, num_mix):
+    gen = torch.Generator().manual_seed(12)
+    num_queries, num_entries, dim, num_query_mix = 6, 50, 8, 7
+    negatives = F.normalize(torch.randn(num_entries, dim, generator=gen), dim=1)
+    query = (torch.randn(num_queries, dim, generator=gen) * 4).requires_grad_()
+    own = torch.randint(0, num_entries, (num_queries,), generator=gen)
+    logits = (query @ negatives.T).masked_fill(torch.arange(num_entries) == own.unsqueeze(1), float("-inf"))
+    logits = logits.masked_fill((torch.arange(num_entries) < 45) & (torch.arange(num_queries) == 5).unsqueeze(1),
+                                float("-inf"))  # query 5 has only 4 or 5 negatives: fewer than the subset
+    mixer = HardNegativeMixer(num_hard, num_mix, num_query_mix, generator=torch.Generator().manual_seed(4))
+    closed = mixer.similarities(query, negatives, logits)
+    mixer.generator.manual_seed(4)
+    plan = mixer._draw(query, negatives, logits)
+
+    reference = query.detach().clone().requires_grad_()
+    expected = []
+    for b in range(num_queries):
+        candidates = [c for c in range(num_entries) if c != own[b] and (b != 5 or c >= 45)]
+        candidates.sort(key=lambda c: -float(logits[b, c].detach()))
+        hardest = set(candidates[:num_hard])
+        row = []
+        for t in range(num_mix):
+            i, j, a = int(plan["i"][b, t]), int(plan["j"][b, t]), float(plan["a"][b, t])
+            assert i in hardest and j in hardest and i != j, (b, t, i, j)
+            mix = a * negatives[i] + (1 - a) * negatives[j]
+            row.append(reference[b] @ (mix / mix.norm()))
+        unit = reference[b].detach() / reference[b].detach().norm()
+        for t in range(num_query_mix):
+            m, w = int(plan["m"][b, t]), float(plan["b"][b, t])
+            assert m in hardest and 0 <= w <= 0.5
+            mix = w * unit + (1 - w) * negatives[m]
+            row.append(reference[b] @ (mix / mix.norm()))
+        expected.append(torch.stack(row))
+    expected = torch.stack(expected)
+    weights = torch.randn(expected.shape, generator=gen)
+    (closed * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(closed, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(query.grad, reference.grad, atol=1e-5, rtol=1e-5)
+    if num_mix <= num_hard * (num_hard - 1) // 2:  # a subset holds num_mix pairs: a query's pairs are distinct
+        pairs = (plan["p"] * plan["subset"].shape[1] + plan["q"])[:5].sort(1).values  # query 5 has too few
+        assert (pairs[:, 1:] != pairs[:, :-1]).all()
+
+
+def test_each_pair_mix_is_a_uniform_pair_of_distinct_hardest_entries():
+    gen = torch.Generator().manual_seed(13)
+    negatives = F.normalize(torch.randn(30, 5, generator=gen), dim=1)
+    query = negatives[:1].expand(6000, 5) + 0.0
+    logits = query @ negatives.T
+    hardest = logits[0].topk(9).indices  # entry 0 itself is among them: a query may mix any entry
+    mixer = HardNegativeMixer(9, 3, 0, generator=torch.Generator().manual_seed(5))  # subsets of 3 out of 9
+    plan = mixer._draw(query, negatives, logits)
+    i, j = plan["i"].flatten(), plan["j"].flatten()
+    assert torch.isin(i, hardest).all() and torch.isin(j, hardest).all() and (i != j).all()
+    counts = torch.zeros(30, 30).index_put_((torch.minimum(i, j), torch.maximum(i, j)), torch.ones(i.numel()),
+                                            accumulate=True)
+    counts = counts[counts > 0]
+    assert counts.numel() == 36  # every distinct pair of the 9
+    expected = i.numel() / 36  # 500
+    assert (counts - expected).abs().max() < 0.2 * expected

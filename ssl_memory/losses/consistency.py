@@ -16,9 +16,35 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"consistency_mode must be one of {MODES}, got {mode!r}")
 
 
-def _group_views(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample slot of each row, the number of views of each sample, and which rows have company."""
-    _, slot, views = indices.unique(return_inverse=True, return_counts=True)
+def view_layout(indices: torch.Tensor) -> torch.Tensor:
+    """What the consistency term needs to know on the host about a batch's views, as a device tensor not yet read.
+
+    ``[S, any sample has 2+ views, every sample has, the batch is view-major]``: the number of
+    distinct samples and three flags. View-major (V blocks holding the same samples in the same
+    order, as :class:`~ssl_memory.MultiAugCollate` returns) lets sums over views be reshapes. A
+    caller reads it with its other values of the step in one transfer and passes the list to
+    :func:`consistency_from_log_probs`.
+    """
+    rows = indices.numel()
+    ordered, _ = torch.sort(indices)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    samples = starts.sum()
+    run = starts.cumsum(0) - 1  # each sorted row's sample, 0 .. S-1
+    views = torch.zeros_like(run).index_add_(0, run, torch.ones_like(run))  # (R,): S counts, then zeros
+    used = torch.arange(rows, device=indices.device) < samples
+    view_major = (indices[torch.arange(rows, device=indices.device) % samples.clamp(min=1)] == indices).all()
+    view_major &= rows % samples.clamp(min=1) == 0
+    return torch.stack([samples, (views > 1).any(), ((views > 1) | ~used).all(), view_major]).long()
+
+
+def _group_views(indices: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample slot of each row (its rank among the sorted distinct ids), views per sample, rows with company."""
+    ordered, order = torch.sort(indices)
+    starts = torch.ones_like(ordered)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    slot = torch.empty_like(order).index_copy_(0, order, starts.cumsum(0) - 1)
+    views = torch.zeros(samples, dtype=torch.long, device=indices.device).index_add_(0, slot, torch.ones_like(slot))
     return slot, views, views[slot] > 1
 
 
@@ -27,22 +53,30 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b, dim=1)
 
 
-def consistency_from_log_probs(log_probs: torch.Tensor, indices: torch.Tensor, mode: str) -> torch.Tensor:
+def consistency_from_log_probs(
+    log_probs: torch.Tensor, indices: torch.Tensor, mode: str, layout: list[int] | None = None
+) -> torch.Tensor:
     """The consistency loss of rows whose log-distributions are given (shared with MemoryBankLoss).
 
     Works on per-sample sums only (index_add over rows), so memory grows with (R + 2S) x N, never
-    with the number of view pairs.
+    with the number of view pairs. ``layout`` is :func:`view_layout` read on the host; without it,
+    it is read here (one device sync).
     """
-    slot, views, multi = _group_views(indices)
-    if not bool(multi.any()):
+    if layout is None:
+        layout = view_layout(indices).tolist()
+    samples, any_multi, all_multi, view_major = layout
+    if not any_multi:
         return log_probs.reshape(-1)[:0].sum()  # a zero that stays attached to the graph
-    if not bool(multi.all()):
+    slot, views, multi = _group_views(indices, samples)
+    blocks = indices.numel() // samples if view_major else 0
+    if not all_multi:  # some samples have a single view: drop their rows (this rare path reads the device)
         log_probs, slot, indices = log_probs[multi], slot[multi], indices[multi]
         kept, slot = slot.unique(return_inverse=True)
         views = views[kept]
+        blocks = _blocks(indices, views.numel())
     v = views.to(log_probs.dtype)
     if mode == "pairwise":
-        samples = _SampleRows(indices, slot, views.numel())
+        samples = _SampleRows(slot, views.numel(), blocks)
         if samples.blocks:  # the blocks list samples in batch order, not in sorted order
             v = v.new_full((views.numel(),), float(samples.blocks))
         return _PairwiseConsistency.apply(log_probs, samples, v)
@@ -56,6 +90,15 @@ def consistency_from_log_probs(log_probs: torch.Tensor, indices: torch.Tensor, m
     return per_sample.mean()
 
 
+def _blocks(indices: torch.Tensor, num_samples: int) -> int:
+    """V when ``indices`` are V blocks of the same samples in the same order, else 0 (reads the device)."""
+    rows = indices.shape[0]
+    if rows % num_samples:
+        return 0
+    blocks = indices.view(rows // num_samples, num_samples)
+    return blocks.shape[0] if bool((blocks == blocks[:1]).all()) else 0
+
+
 class _SampleRows:
     """Sums rows per sample, and spreads per-sample values back onto rows.
 
@@ -64,13 +107,8 @@ class _SampleRows:
     several times faster on CPU than ``index_add_`` and a row gather, which any other layout uses.
     """
 
-    def __init__(self, indices: torch.Tensor, slot: torch.Tensor, num_samples: int) -> None:
-        self.slot, self.num_samples, self.blocks = slot, num_samples, 0
-        rows = indices.shape[0]
-        if rows % num_samples == 0:
-            blocks = indices.view(rows // num_samples, num_samples)
-            if bool((blocks == blocks[:1]).all()):
-                self.blocks = blocks.shape[0]
+    def __init__(self, slot: torch.Tensor, num_samples: int, blocks: int) -> None:
+        self.slot, self.num_samples, self.blocks = slot, num_samples, blocks
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks:

@@ -15,7 +15,10 @@ from .._validation import (
     check_non_negative_number,
     check_values,
     first_failure,
+    raise_for_values,
+    value_flags,
 )
+from ..distributed import agree, share_reads
 from ..queue import Queue
 
 # positives this similar are the anchor itself (or an exact duplicate) and are skipped, as in research-xbm
@@ -25,21 +28,38 @@ _SELF_SIMILARITY = 1 - 1e-5
 _SLACK = 1e-4
 
 
-def equal_label_pairs(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def label_runs(labels: torch.Tensor, ref_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference labels' sort order, and for each label where its run starts in it and how long it is.
+
+    Shape:
+        - labels: (B,); ref_labels: (R,)
+        - output: order (R,), starts (B,), counts (B,): ``counts.sum()`` is the number of equal-label pairs
+    """
+    ordered, order = torch.sort(ref_labels, stable=True)
+    labels = labels.to(ordered.dtype)
+    low = torch.searchsorted(ordered, labels)
+    return order, low, torch.searchsorted(ordered, labels, right=True) - low
+
+
+def equal_label_pairs(
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor,
+    runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    total: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``(i, j)`` with ``labels[i] == ref_labels[j]``, in row-major order, without a (B, R) mask.
 
     Sorting the reference labels once makes this O(R log R + pairs) instead of a (B, R) comparison
-    and a ``nonzero`` over it, which cost more than a whole loss at R = 65,536.
+    and a ``nonzero`` over it, which cost more than a whole loss at R = 65,536. ``runs``
+    (:func:`label_runs`) and ``total`` (the number of pairs, read by the caller) spare recomputing
+    them and the device sync of sizing the output.
 
     Shape:
         - labels: (B,); ref_labels: (R,)
         - output: two (P,) long tensors
     """
-    ordered, order = torch.sort(ref_labels, stable=True)
-    labels = labels.to(ordered.dtype)
-    low = torch.searchsorted(ordered, labels)
-    counts = torch.searchsorted(ordered, labels, right=True) - low
-    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), counts)
+    order, low, counts = runs if runs is not None else label_runs(labels, ref_labels)
+    rows = torch.repeat_interleave(torch.arange(labels.numel(), device=labels.device), counts, output_size=total)
     starts = torch.cumsum(counts, 0) - counts
     cols = order[low[rows] + torch.arange(rows.numel(), device=labels.device) - starts[rows]]
     return rows, cols
@@ -79,6 +99,35 @@ def pair_similarities(
     return (query @ reference.T)[rows, cols]
 
 
+class _XbmPairs:
+    """The pairs research-xbm's loss sums over, found on the device; their counts are read by the caller.
+
+    Equal labels (:func:`label_runs`) and the other-label pairs above the margin (a (B, R) mask):
+    :attr:`counts` holds both totals, so that listing the pairs (:meth:`loss`) waits for nothing more.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self, query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor,
+        margin: float,
+    ) -> None:
+        self.reference, self.ref_labels, self.margin = reference, ref_labels, margin
+        self.runs = label_runs(labels, ref_labels)
+        similarity = query @ reference.T
+        self.negatives = (similarity > margin - _SLACK) & (labels.unsqueeze(1) != ref_labels.unsqueeze(0))
+        self.counts = torch.stack([self.runs[2].sum(), self.negatives.sum()])
+
+    def loss(self, query: torch.Tensor, labels: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Per-anchor loss (B,), differentiable in ``query``; ``counts`` is :attr:`counts` read on the host."""
+        pos_rows, pos_cols = equal_label_pairs(labels, self.ref_labels, self.runs, counts[0])
+        neg_rows, neg_cols = torch.nonzero_static(self.negatives, size=counts[1]).unbind(1)
+        positive = pair_similarities(query, self.reference, pos_rows, pos_cols)
+        negative = pair_similarities(query, self.reference, neg_rows, neg_cols)
+        per_anchor = query.new_zeros(query.shape[0])
+        per_anchor = per_anchor.index_add(0, pos_rows, torch.where(positive < _SELF_SIMILARITY, 1 - positive, 0))
+        return per_anchor.index_add(0, neg_rows, torch.where(negative > self.margin, negative, 0))
+
+
 def xbm_contrastive(
     query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor, margin: float
 ) -> torch.Tensor:
@@ -96,15 +145,8 @@ def xbm_contrastive(
         - query: (B, D) unit rows; labels: (B,); reference: (R, D) unit rows; ref_labels: (R,)
         - output: (B,)
     """
-    with torch.no_grad():
-        similarity = query @ reference.T
-    pos_rows, pos_cols = equal_label_pairs(labels, ref_labels)
-    neg_rows, neg_cols = pairs_above(similarity, margin, (pos_rows, pos_cols))
-    positive = pair_similarities(query, reference, pos_rows, pos_cols)
-    negative = pair_similarities(query, reference, neg_rows, neg_cols)
-    per_anchor = query.new_zeros(query.shape[0])
-    per_anchor = per_anchor.index_add(0, pos_rows, torch.where(positive < _SELF_SIMILARITY, 1 - positive, 0))
-    return per_anchor.index_add(0, neg_rows, torch.where(negative > margin, negative, 0))
+    pairs = _XbmPairs(query, labels, reference, ref_labels, margin)
+    return pairs.loss(query, labels, pairs.counts.tolist())
 
 
 class CrossBatchLoss(nn.Module):
@@ -140,10 +182,13 @@ class CrossBatchLoss(nn.Module):
         margin: similarity above which a negative pair is penalised.
         memory_weight: :math:`w \ge 0`.
         start_step: number of calls (with ``update_memory=True``) before the memory is used and filled.
+        checks: check that the embeddings are finite, which costs one device sync a step; ``False``
+            keeps only the checks of shapes, dtypes and devices.
 
     Bad input (shapes, NaN, an empty batch) raises before anything is written; under
-    ``torch.distributed`` (after the warm-up, when the batch is enqueued) every rank raises the same
-    :class:`~ssl_memory.distributed.DistributedInputError`. The loss is float32 under autocast.
+    ``torch.distributed`` every rank raises the same :class:`~ssl_memory.distributed.DistributedInputError`
+    and no rank counts the step, also during the warm-up (where the ranks exchange their verdicts
+    though nothing is enqueued), so the step counters stay equal. The loss is float32 under autocast.
 
     Shape:
         - embeddings: (B, D), any scale (normalised inside); labels: (B,) of any integer dtype
@@ -161,7 +206,13 @@ class CrossBatchLoss(nn.Module):
     step: torch.Tensor
 
     def __init__(
-        self, size: int, dim: int, margin: float = 0.5, memory_weight: float = 1.0, start_step: int = 0
+        self,
+        size: int,
+        dim: int,
+        margin: float = 0.5,
+        memory_weight: float = 1.0,
+        start_step: int = 0,
+        checks: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
@@ -172,7 +223,9 @@ class CrossBatchLoss(nn.Module):
         self.margin = float(margin)
         self.memory_weight = float(memory_weight)
         self.start_step = start_step
+        self.checks = bool(checks)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._step_seen: tuple[tuple[int, int], int] | None = None  # host copy of step, with its key
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
         """The loss of a batch; then, when ``update_memory``, the step is counted and (after the warm-up) enqueued.
@@ -191,23 +244,33 @@ class CrossBatchLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Per-anchor batch and memory terms; enqueues the batch and counts the step when ``update_memory``."""
         queue = self.queue
-        memory_on = int(self.step) >= self.start_step
+        memory_on = self._memory_on()
+        with_memory = memory_on and len(queue) > 0
         error = first_failure(lambda: self._check(embeddings, labels))
-        if error is not None:
-            if update_memory and memory_on:  # the other ranks learn of it in the gather: every rank raises
-                queue.write(embeddings, labels, gather=True, error=error)
-            raise error
-        labels = labels.long()
+        num_flags = int(self.checks)
         with torch.autocast(embeddings.device.type, enabled=False):
-            unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-            batch = xbm_contrastive(unit, labels, unit, labels, self.margin)
-            if memory_on and len(queue) > 0:
-                rows = queue.snapshot(unit.dtype)  # the batch is enqueued before the backward
-                memory = xbm_contrastive(unit, labels, rows, queue.labels, self.margin)
+            if error is None:
+                labels = labels.long()
+                unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
+                sets = [_XbmPairs(unit, labels, unit, labels, self.margin)]
+                if with_memory:
+                    rows = queue.snapshot(unit.dtype)  # the batch is enqueued before the backward
+                    sets.append(_XbmPairs(unit, labels, rows, queue.labels, self.margin))
+                flags = value_flags(embeddings) if self.checks else unit.new_zeros(0, dtype=torch.long)
+                values = torch.cat([flags, *(pairs.counts for pairs in sets)])
             else:
-                memory = torch.zeros_like(batch)
+                values = torch.zeros(num_flags + 2 + 2 * with_memory, dtype=torch.long, device=queue.slots.device)
+            # the step's one device read: the value checks and the pair counts that size the lists, shared
+            # by the ranks (with their row counts and verdicts) when the step is counted
+            read, counts = share_reads(
+                values, embeddings.shape[0] if error is None else 0, error,
+                lambda read: raise_for_values("embeddings", read[:num_flags]), collective=update_memory,
+            )
+            pair_counts = read[num_flags:]
+            batch = sets[0].loss(unit, labels, pair_counts[:2])
+            memory = sets[1].loss(unit, labels, pair_counts[2:]) if with_memory else torch.zeros_like(batch)
         if update_memory:
-            self._write(unit.detach(), labels, memory_on)
+            self._write(unit.detach(), labels, memory_on, counts)
         return {"batch": batch, "memory": memory}
 
     @torch.no_grad()
@@ -217,27 +280,46 @@ class CrossBatchLoss(nn.Module):
         Shape:
             - embeddings: (B, D); labels: (B,)
         """
-        memory_on = int(self.step) >= self.start_step
-        error = first_failure(lambda: self._check(embeddings, labels))
+        memory_on = self._memory_on()
+        error = first_failure(lambda: self._check(embeddings, labels, values=self.checks))
         if error is not None:
-            if memory_on:
-                self.queue.write(embeddings, labels, gather=True, error=error)  # raises, on every rank
-            raise error
+            self._refuse(embeddings, labels, memory_on, error)  # raises, on every rank
         unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
         self._write(unit, labels.long(), memory_on)
 
-    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor, values: bool = False) -> None:
+        """Shapes, dtypes and devices; the values too when ``values`` (a forward reads them with its pair counts)."""
         queue = self.queue
         check_features("embeddings", embeddings, queue.dim, queue.slots.device)
         check_index_vector("labels", labels, embeddings.shape[0], queue.slots.device)
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
-        check_values("embeddings", embeddings)
+        if values:
+            check_values("embeddings", embeddings)
 
-    def _write(self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool) -> None:
+    def _memory_on(self) -> bool:
+        """Whether the warm-up is over, from a host copy of ``step`` (read from the buffer only when it changed)."""
+        key = (self.step.data_ptr(), self.step._version)
+        if self._step_seen is None or self._step_seen[0] != key:
+            self._step_seen = (key, int(self.step))
+        return self._step_seen[1] >= self.start_step
+
+    def _refuse(self, embeddings: torch.Tensor, labels: torch.Tensor, memory_on: bool, error: Exception) -> None:
+        """Raise ``error`` on every rank: through the enqueue's gather, or during the warm-up a verdict alone."""
         if memory_on:
-            self.queue.write(unit, labels, gather=True, error=None)
+            self.queue.write(embeddings, labels, gather=True, error=error)
+        agree(error, self.step.device)
+
+    def _write(
+        self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool, counts: list[int] | None = None
+    ) -> None:
+        if memory_on:
+            self.queue.write(unit, labels, gather=True, error=None, counts=counts)
+        elif counts is None:
+            agree(None, self.step.device)  # the ranks' verdicts, also during the warm-up: they count steps together
         self.step += 1
+        if self._step_seen is not None:
+            self._step_seen = ((self.step.data_ptr(), self.step._version), self._step_seen[1] + 1)
 
     def extra_repr(self) -> str:
         return (

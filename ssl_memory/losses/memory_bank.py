@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_non_negative_number, check_positive_number, first_failure
+from .._validation import (
+    check_non_negative_number,
+    check_positive_number,
+    first_failure,
+    raise_for_values,
+    value_flags,
+)
 from ..bank import MemoryBank
-from .consistency import check_mode, consistency_from_log_probs
+from ..distributed import share_reads
+from .consistency import check_mode, consistency_from_log_probs, view_layout
 
 
 class MemoryBankLoss(nn.Module):
@@ -51,6 +58,10 @@ class MemoryBankLoss(nn.Module):
             A ``NeighbourMerger`` counts epochs from the samples written to the bank, so its
             ``warmup`` and ``interval`` are in epochs with no further setting.
         memory: an existing :class:`~ssl_memory.MemoryBank` to use instead of building one.
+        checks: check the values of each batch (NaN, indices in range), which costs one device sync a
+            step (the host must read the verdict); ``False`` keeps only the checks of shapes, dtypes and
+            devices, so that the step never waits for the device (an index out of range then fails in
+            the indexing kernel, and a NaN reaches the loss and the bank).
 
     Shape:
         - embeddings: (R, D), any scale (normalised inside), any floating dtype; the loss is float32
@@ -99,6 +110,7 @@ class MemoryBankLoss(nn.Module):
         consistency_mode: str = "pairwise",
         merger: Any = None,
         memory: MemoryBank | None = None,
+        checks: bool = True,
     ) -> None:
         super().__init__()
         check_positive_number("temperature", temperature)
@@ -121,6 +133,7 @@ class MemoryBankLoss(nn.Module):
         self.consistency_weight = float(consistency_weight)
         self.consistency_mode = consistency_mode
         self.merger = merger
+        self.checks = bool(checks)
         self.last: dict[str, Any] = {}
         self._groups_key: tuple | None = None
         self._members: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -146,11 +159,24 @@ class MemoryBankLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The unreduced parts of the loss; updates the memory (and steps the merger) when asked."""
         memory = self.memory
-        error = first_failure(lambda: self._check(embeddings, indices))
-        if error is not None:
-            if update_memory:  # the other ranks learn of it in the gather: every rank raises together
-                memory.write(indices, embeddings, gather=True, error=error)
-            raise error
+        error = first_failure(lambda: self._check(embeddings, indices, values=False))
+        # the step's one device read, shared by the ranks when the memory is written: the value
+        # checks, the views' layout, and every rank's row count and verdict
+        num_flags, num_layout = 3 * self.checks, 4 * (self.consistency_weight > 0)
+        if error is None:
+            flags = value_flags(embeddings, indices=indices) if self.checks else indices.new_zeros(0, dtype=torch.long)
+            layout = view_layout(indices) if num_layout else flags[:0]
+            values = torch.cat([flags, layout])
+        else:
+            values = torch.zeros(num_flags + num_layout, dtype=torch.long, device=memory.features.device)
+        read, counts = share_reads(
+            values,
+            embeddings.shape[0] if error is None else 0,
+            error,
+            lambda read: raise_for_values("embeddings", read[:num_flags], "indices", memory.num_entries),
+            collective=update_memory,
+        )
+        layout = read[num_flags:]
         indices = indices.long()
         with torch.autocast(embeddings.device.type, enabled=False):
             unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
@@ -158,7 +184,7 @@ class MemoryBankLoss(nn.Module):
             members = self._group_members()
             if self.consistency_weight > 0:
                 log_probs = F.log_softmax(logits, dim=1)
-                consistency = consistency_from_log_probs(log_probs, indices, self.consistency_mode)
+                consistency = consistency_from_log_probs(log_probs, indices, self.consistency_mode, layout)
                 if members is None:
                     discrimination = -log_probs.gather(1, indices.unsqueeze(1)).squeeze(1)
                 else:
@@ -170,7 +196,7 @@ class MemoryBankLoss(nn.Module):
                 else:
                     discrimination = torch.logsumexp(logits, dim=1) - _group_logsumexp(logits, indices, members)
 
-        report = self._write(unit.detach(), indices) if update_memory else None
+        report = self._write(unit.detach(), indices, counts) if update_memory else None
         detached = discrimination.detach()
         self.last = {
             "discrimination": detached.mean(),
@@ -191,38 +217,40 @@ class MemoryBankLoss(nn.Module):
         Shape:
             - embeddings: (R, D); indices: (R,)
         """
-        error = first_failure(lambda: self._check(embeddings, indices))
+        error = first_failure(lambda: self._check(embeddings, indices, values=self.checks))
         if error is not None:
             self.memory.write(indices, embeddings, gather=True, error=error)  # raises, on every rank
         unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
         self.last["merge"] = self._write(unit, indices.long())
 
-    def _check(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
-        self.memory.check(indices, embeddings, names=("indices", "embeddings"))
+    def _check(self, embeddings: torch.Tensor, indices: torch.Tensor, values: bool) -> None:
+        self.memory.check(indices, embeddings, names=("indices", "embeddings"), values=values)
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
 
-    def _write(self, unit: torch.Tensor, indices: torch.Tensor) -> Any:
-        self.memory.write(indices, unit, gather=True, error=None)
+    def _write(self, unit: torch.Tensor, indices: torch.Tensor, counts: list[int] | None = None) -> Any:
+        self.memory.write(indices, unit, gather=True, error=None, counts=counts)
         return self.merger.step(self.memory) if self.merger is not None else None
 
-    def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Entries sorted by group, and for each entry where its group starts and how many it has.
+    def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """Entries sorted by group, for each entry where its group starts and how many it has, and the largest group.
 
         None while every group is a single entry. Recomputed only when ``memory.groups`` changes
-        (a merger writes it in place, which bumps its version counter).
+        (a merger writes it in place, which bumps its version counter): the one device sync here
+        (the largest group's size, which shapes the gather) is paid then, not at every step.
         """
         groups = self.memory.groups
         key = (id(groups), groups.data_ptr(), groups._version)
         if key != self._groups_key:
             order = torch.argsort(groups, stable=True)
             _, rank, counts = torch.unique_consecutive(groups[order], return_inverse=True, return_counts=True)
-            if groups.numel() == 0 or int(counts.max()) == 1:
+            largest = int(counts.max()) if groups.numel() else 0
+            if largest <= 1:
                 self._members = None
             else:
                 entry_rank = torch.empty_like(rank).index_copy_(0, order, rank)
                 starts = counts.cumsum(0) - counts
-                self._members = (order, starts[entry_rank], counts[entry_rank])
+                self._members = (order, starts[entry_rank], counts[entry_rank], largest)
             self._groups_key = key
         return self._members
 
@@ -234,12 +262,15 @@ class MemoryBankLoss(nn.Module):
 
 
 def _group_logsumexp(
-    scores: torch.Tensor, indices: torch.Tensor, members: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    scores: torch.Tensor, indices: torch.Tensor, members: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 ) -> torch.Tensor:
-    """``log sum_{j in G(i_r)} exp(scores[r, j])`` for each row, from a padded (R, G_max) gather."""
-    order, starts, counts = members
+    """``log sum_{j in G(i_r)} exp(scores[r, j])`` for each row, from a padded (R, G_max) gather.
+
+    G_max is the largest group of the bank (known on the host), not of the batch: no device read.
+    """
+    order, starts, counts, largest = members
     row_start, row_count = starts[indices], counts[indices]
-    offsets = torch.arange(int(row_count.max()), device=scores.device)
+    offsets = torch.arange(largest, device=scores.device)
     slots = (row_start.unsqueeze(1) + offsets).clamp_(max=order.numel() - 1)
     picked = scores.gather(1, order[slots])
     picked = picked.masked_fill(offsets >= row_count.unsqueeze(1), float("-inf"))

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_features, check_index_vector, check_positive_number, check_values, first_failure
+from .._validation import (
+    check_features,
+    check_index_vector,
+    check_positive_number,
+    check_values,
+    first_failure,
+    raise_for_values,
+    value_flags,
+)
+from ..distributed import share_reads
 from ..queue import Queue
 
 # id stored with keys enqueued without sample ids: matches no (non-negative) sample id
@@ -51,6 +60,9 @@ class QueueLoss(nn.Module):
         dim: embedding width D.
         temperature: :math:`\tau` (0.07 in MoCo v1, 0.2 in v2).
         mixer: optional :class:`~ssl_memory.HardNegativeMixer` (or any object with its ``similarities``).
+        checks: check the values of each batch (NaN, negative indices), which costs one device sync a
+            step (the host must read the verdict); ``False`` keeps only the checks of shapes, dtypes and
+            devices, so a step never waits for the device, and a NaN then reaches the loss and the queue.
 
     Shape:
         - query: (B, D); key: (B, D); indices: (B,) non-negative integers of any integer dtype, optional
@@ -68,7 +80,9 @@ class QueueLoss(nn.Module):
 
     queue: Queue
 
-    def __init__(self, size: int = 65536, dim: int = 128, temperature: float = 0.2, mixer: Any = None) -> None:
+    def __init__(
+        self, size: int = 65536, dim: int = 128, temperature: float = 0.2, mixer: Any = None, checks: bool = True
+    ) -> None:
         super().__init__()
         check_positive_number("temperature", temperature)
         if mixer is not None and not callable(getattr(mixer, "similarities", None)):
@@ -76,6 +90,7 @@ class QueueLoss(nn.Module):
         self.queue = Queue(size, dim, labelled=True)
         self.temperature = float(temperature)
         self.mixer = mixer
+        self.checks = bool(checks)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None = None, update_memory: bool = True
@@ -96,11 +111,19 @@ class QueueLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The per-query loss; enqueues the keys when ``update_memory``."""
         queue = self.queue
-        error = first_failure(lambda: self._check(query, key, indices))
-        if error is not None:
-            if update_memory:  # the other ranks learn of it in the gather: every rank raises together
-                queue.write(key, indices, gather=True, error=error)
-            raise error
+        error = first_failure(lambda: self._check(query, key, indices, values=False))
+        # the step's one device read (the value checks), shared by the ranks with their row counts
+        # and verdicts when the keys are enqueued
+        num_flags = 4 * self.checks
+        if error is None and self.checks:
+            flags = value_flags(query, key, indices=indices)
+            values = flags if indices is not None else torch.cat([flags, flags.new_zeros(2)])
+        else:
+            values = torch.zeros(num_flags, dtype=torch.long, device=queue.slots.device)
+        _, counts = share_reads(
+            values, query.shape[0] if error is None else 0, error,
+            lambda read: raise_for_values("query, key", read), collective=update_memory,
+        )
 
         device = queue.slots.device
         dtype = torch.promote_types(query.dtype, torch.float32)
@@ -127,7 +150,7 @@ class QueueLoss(nn.Module):
             contrastive = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
 
         if update_memory:
-            self._enqueue(k, indices)
+            self._enqueue(k, indices, counts)
         return {"contrastive": contrastive}
 
     @torch.no_grad()
@@ -137,12 +160,12 @@ class QueueLoss(nn.Module):
         Shape:
             - key: (B, D); indices: (B,), optional
         """
-        error = first_failure(lambda: self._check(key, key, indices))
+        error = first_failure(lambda: self._check(key, key, indices, values=self.checks))
         if error is not None:
             self.queue.write(key, indices, gather=True, error=error)  # raises, on every rank
         self._enqueue(F.normalize(key.to(torch.promote_types(key.dtype, torch.float32)), dim=1), indices)
 
-    def _check(self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None) -> None:
+    def _check(self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None, values: bool) -> None:
         device, dim = self.queue.slots.device, self.queue.dim
         check_features("query", query, dim, device)
         check_features("key", key, dim, device)
@@ -152,11 +175,14 @@ class QueueLoss(nn.Module):
             raise ValueError("query must hold at least one row, got shape (0, D)")
         if indices is not None:
             check_index_vector("indices", indices, query.shape[0], device)
-        check_values("query, key", query, key, indices=indices)
+        if values:
+            check_values("query, key", query, key, indices=indices)
 
-    def _enqueue(self, unit_keys: torch.Tensor, indices: torch.Tensor | None) -> None:
+    def _enqueue(
+        self, unit_keys: torch.Tensor, indices: torch.Tensor | None, counts: list[int] | None = None
+    ) -> None:
         ids = indices if indices is not None else unit_keys.new_full((unit_keys.shape[0],), _NO_ID, dtype=torch.long)
-        self.queue.write(unit_keys.detach(), ids, gather=True, error=None)
+        self.queue.write(unit_keys.detach(), ids, gather=True, error=None, counts=counts)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
