@@ -17,6 +17,7 @@ from ._validation import (
 )
 from .distributed import gather_rows
 from .memory import Memory
+from .rounding import to_storage
 
 
 class MemoryBank(Memory):
@@ -46,7 +47,8 @@ class MemoryBank(Memory):
         dim: embedding width D.
         momentum: weight of the old entry, in [0, 1).
         dtype: storage dtype; ``torch.bfloat16`` or ``torch.float16`` halve the memory. Updates and
-            similarities are computed in float32.
+            similarities are computed in float32, and written back with stochastic rounding
+            (:func:`~ssl_memory.rounding.to_storage`) so that small momentum steps are not lost.
         device: where the bank lives.
         generator: random generator for the initial entries (default: seeded with 0). Under
             ``torch.distributed`` it must give every rank the same draws.
@@ -146,7 +148,7 @@ class MemoryBank(Memory):
         mean = sums / torch.bincount(inverse, minlength=rows.numel()).unsqueeze(1)
         old = self.features[rows].float()
         new = F.normalize(self.momentum * old + (1 - self.momentum) * mean, dim=1)
-        self.features.index_copy_(0, rows, new.to(self.features.dtype))
+        self.features.index_copy_(0, rows, to_storage(new, self.features.dtype, seed=self.num_written))
         written = self.num_written + rows.numel()
         self.samples_written.add_(rows.numel())
         self._written = ((self.samples_written.data_ptr(), self.samples_written._version), written)
