@@ -92,7 +92,8 @@ class ShardedMemoryBank(nn.Module):
         device = self.shard.features.device
         self.register_buffer("groups", torch.arange(num_entries, device=device))
         self.register_buffer("samples_written", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer("layout", torch.tensor([here, world], device=device))
+        self.register_buffer("layout", torch.tensor([here, world], device=device))  # saved, so a load can check it
+        self._rank, self._world = here, world  # host copies: no device read per step
         self._written: tuple[tuple[int, int], int] | None = None
 
     @property
@@ -109,11 +110,11 @@ class ShardedMemoryBank(nn.Module):
 
     @property
     def world_size(self) -> int:
-        return int(self.layout[1])
+        return self._world
 
     @property
     def rank(self) -> int:
-        return int(self.layout[0])
+        return self._rank
 
     def __len__(self) -> int:
         return self.num_entries
@@ -244,8 +245,8 @@ class ShardedMemoryBank(nn.Module):
         if layout is not None:
             check_loaded(
                 prefix + "layout",
-                layout.tolist() == self.layout.tolist(),
-                f"is (rank, world size) {layout.tolist()} but this bank is {self.layout.tolist()}: "
+                layout.tolist() == [self.rank, self.world_size],
+                f"is (rank, world size) {layout.tolist()} but this bank is {[self.rank, self.world_size]}: "
                 "load the states of every rank with load_shards() instead",
             )
         groups = loaded_tensor(state_dict, prefix, "groups", (self.num_entries,), floating=False)

@@ -34,8 +34,9 @@ class ShardedMemoryBankLoss(nn.Module):
     gathered: each rank updates the entries it owns.
 
     Per step and rank: an (R, D) gather, two (2, R) all-reduces and, with consistency on, a (W,) one;
-    the backward all-reduces (R, D) and the same small vectors. Compute and bank memory are 1/W of
-    the replicated loss's, whose every rank scores its rows against all N entries.
+    the backward all-reduces (R, D) and the same small vectors. A rank scores R rows against N / W
+    entries, as many products as a replicated rank's R / W rows against N: the compute per rank is
+    the same, the bank (and the copy of it a step keeps for the backward) is 1/W of it.
 
     Args:
         num_samples: N (when the loss builds its bank).
