@@ -205,36 +205,37 @@ class ShardedMemoryBank(nn.Module):
         }
 
     @torch.no_grad()
-    def load_shards(self, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def load_shards(self, states: Sequence[Mapping[str, torch.Tensor]], prefix: str = "") -> None:
         """Load this rank's rows from the saved states of every rank of a run, on any number of ranks.
 
         ``states`` lists the ``state_dict()`` of each rank of the saving run (any order), or holds one
         :class:`~ssl_memory.MemoryBank` ``state_dict`` (:meth:`full_state_dict` gives one). Only the
         rows this rank owns are kept; each state's rows are read once, so a rank needs its shard plus
         one saved shard at a time. Every state is checked before anything is written. Not a collective.
+        ``prefix`` is the bank's key prefix in the states (``"memory."`` in a loss's ``state_dict``).
         """
         if not states:
             raise ValueError("states must hold at least one state_dict, got none")
-        layouts = [_saved_layout(state) for state in states]
+        layouts = [_saved_layout(state, prefix) for state in states]
         saved_world = layouts[0][1]
         seen = sorted(r for r, _ in layouts)
         if any(w != saved_world for _, w in layouts) or seen != list(range(saved_world)):
             raise ValueError(f"states must be the states of ranks 0..W-1 of one run, got layouts {layouts}")
         n, d, own = self.num_entries, self.dim, self.owned_entries()
-        rows = self.shard.features.new_empty(own.numel(), d, dtype=torch.float32)
+        rows = torch.empty_like(self.shard.features)
         for state, (saved_rank, _) in zip(states, layouts):
-            key = "shard.features" if "layout" in state else "features"
+            key = prefix + ("shard.features" if prefix + "layout" in state else "features")
             features = loaded_tensor(state, "", key, (_shard_size(n, saved_world, saved_rank), d), floating=True)
             check_loaded(key, features is not None, "is missing")
             check_loaded(key, bool(torch.isfinite(features).all()), "holds NaN or infinite values")
             saved = torch.arange(saved_rank, n, saved_world, device=own.device)
             mine = saved % self.world_size == self.rank
-            rows[saved[mine] // self.world_size] = features.to(rows.device)[mine].float()
-        groups = loaded_tensor(states[0], "", "groups", (n,), floating=False)
-        written = loaded_tensor(states[0], "", "samples_written", (), floating=False)
-        check_loaded("groups", groups is not None and written is not None, "and samples_written must be present")
+            rows[saved[mine] // self.world_size] = features.to(rows.device, rows.dtype)[mine]
+        groups = loaded_tensor(states[0], prefix, "groups", (n,), floating=False)
+        written = loaded_tensor(states[0], prefix, "samples_written", (), floating=False)
+        check_loaded(prefix + "groups", groups is not None and written is not None, "and samples_written are missing")
         low, high = (int(v) for v in torch.aminmax(groups))
-        check_loaded("groups", low >= 0 and high < n, f"must hold entry ids in [0, {n}), got [{low}, {high}]")
+        check_loaded(prefix + "groups", low >= 0 and high < n, f"must hold entry ids in [0, {n}), got [{low}, {high}]")
         self.shard.features.copy_(rows)
         self.groups.copy_(groups)
         self.samples_written.copy_(written)
@@ -301,8 +302,8 @@ def _shard_size(num_entries: int, world: int, owner: int) -> int:
     return (num_entries - owner + world - 1) // world
 
 
-def _saved_layout(state: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    if "layout" not in state:
+def _saved_layout(state: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, int]:
+    if prefix + "layout" not in state:
         return (0, 1)  # a MemoryBank's state: one rank holding every entry
-    layout = loaded_tensor(state, "", "layout", (2,), floating=False)
+    layout = loaded_tensor(state, prefix, "layout", (2,), floating=False)
     return tuple(int(v) for v in layout)  # type: ignore[return-value]

@@ -152,3 +152,13 @@ def test_ownership_rule_and_shard_sizes():
         ShardedMemoryBankLoss(memory=MemoryBank(N, D))
     with pytest.raises(ValueError, match="layouts"):
         bank.load_shards([bank.state_dict(), bank.state_dict()])
+
+
+def test_a_loss_state_loads_with_its_prefix_and_float64_rows_stay_exact():
+    saved = ShardedMemoryBankLoss(memory=ShardedMemoryBank(N, D, dtype=torch.float64))
+    saved.memory.shard.features.copy_(torch.nn.functional.normalize(torch.randn(N, D, dtype=torch.float64), dim=1))
+    saved.memory.groups.copy_(torch.arange(N) // 4)
+    loaded = ShardedMemoryBank(N, D, dtype=torch.float64)
+    loaded.load_shards([saved.state_dict()], prefix="memory.")
+    assert torch.equal(loaded.shard.features, saved.memory.shard.features)
+    assert torch.equal(loaded.groups, saved.memory.groups)
