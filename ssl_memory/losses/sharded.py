@@ -19,11 +19,12 @@ class ShardedMemoryBankLoss(nn.Module):
 
     Every rank returns the loss of its own rows, equal to what ``MemoryBankLoss`` on a replicated bank
     gives (to rounding). A step gathers the normalised queries of every rank (R rows in all); each
-    rank scores them against its shard, (R, N / W) logits, and the sums over entries that the loss
-    needs are reduced across ranks: with :math:`m_r` the maximum over ranks of row r's logits,
+    rank k scores them against its shard :math:`S_k`, (R, N / W) logits, and the sums over entries
+    that the loss needs are reduced across ranks: with :math:`\lambda_{r,k} = \log \sum_{j \in S_k}
+    e^{\ell_{r,j}}` and :math:`m_r = \max_k \lambda_{r,k}`,
 
     .. math::
-        \log Z_r = m_r + \log \sum_{\text{ranks}} \sum_{j \in \text{shard}} e^{\ell_{r,j} - m_r},
+        \log Z_r = m_r + \log \sum_k e^{\lambda_{r,k} - m_r},
 
     and the same for the merge group's numerator :math:`\sum_{j \in G(i_r)} e^{\ell_{r,j}}` (the
     group may span shards) and for the consistency term, whose per-sample value is a sum over entries
@@ -124,16 +125,19 @@ class ShardedMemoryBankLoss(nn.Module):
             own = source == bank.rank
             logits = bank.shard.similarity(queries * (1.0 / self.temperature))  # (R, N / W)
             positives = self._positive_logits(logits, all_indices)  # (R, G), -inf where padded
-            shift = all_reduce_max(torch.stack([logits.detach().amax(1), _row_max(positives.detach())]))
-            tables = (logits, positives)
-            sums = torch.stack([(scores - top.unsqueeze(1)).exp().sum(1) for scores, top in zip(tables, shift)])
+            # This shard's log-sum-exp of each row (it keeps no (R, N / W) table beyond the logits) and the
+            # group's logits, shifted by their maxima over ranks, then summed over ranks: exact and stable.
+            local = torch.logsumexp(logits, 1)
+            shift = all_reduce_max(torch.stack([local.detach(), _row_max(positives.detach())]))
+            sums = torch.stack([(local - shift[0]).exp(), (positives - shift[1].unsqueeze(1)).exp().sum(1)])
             log_sums = shift + all_reduce_sum(sums).log()  # log Z and log of the group's numerator, per row
             discrimination = (log_sums[0] - log_sums[1])[own]
             if self.consistency_weight > 0:
                 log_probs = logits - log_sums[0].unsqueeze(1)
+                counts = torch.bincount(source, minlength=bank.world_size).tolist()  # rows arrive in rank order
                 parts = [
-                    consistency_from_log_probs(log_probs[source == r], all_indices[source == r], self.consistency_mode)
-                    for r in range(bank.world_size)
+                    consistency_from_log_probs(rows, rows_indices, self.consistency_mode)
+                    for rows, rows_indices in zip(log_probs.split(counts), all_indices.split(counts))
                 ]
                 consistency = all_reduce_sum(torch.stack(parts))[bank.rank]
             else:
