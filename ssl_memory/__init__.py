@@ -8,7 +8,7 @@ from .bank import MemoryBank
 from .data import MultiAugCollate, WithIndex
 from .distributed import DistributedInputError
 from .evaluation import RetrievalCalculator, knn_accuracy, knn_predict, retrieval_metrics
-from .losses import ConsistencyLoss, CrossBatchLoss, MemoryBankLoss, QueueLoss
+from .losses import ConsistencyLoss, CrossBatchLoss, MemoryBankLoss, QueueLoss, ShardedMemoryBankLoss
 from .merging import MergeReport, NeighbourMerger
 from .mixing import HardNegativeMixer
 from .neighbours import (
@@ -20,17 +20,20 @@ from .neighbours import (
     nearest_neighbours,
 )
 from .queue import Queue
+from .sharded_bank import ShardedMemoryBank
 
 __all__ = [
     # memories
     "MemoryBank",
     "Queue",
+    "ShardedMemoryBank",
     # losses and what they use
     "ConsistencyLoss",
     "CrossBatchLoss",
     "HardNegativeMixer",
     "MemoryBankLoss",
     "QueueLoss",
+    "ShardedMemoryBankLoss",
     # merging near-duplicates, and the neighbour searches it can use
     "MergeReport",
     "NeighbourMerger",

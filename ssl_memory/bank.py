@@ -17,6 +17,7 @@ from ._validation import (
 )
 from .distributed import gather_rows
 from .memory import Memory, unit_rows
+from .rounding import HALF_DTYPES, to_storage
 
 
 class MemoryBank(Memory):
@@ -46,7 +47,8 @@ class MemoryBank(Memory):
         dim: embedding width D.
         momentum: weight of the old entry, in [0, 1).
         dtype: storage dtype; ``torch.bfloat16`` or ``torch.float16`` halve the memory. Updates and
-            similarities are computed in float32.
+            similarities are computed in float32, and written back with stochastic rounding
+            (:func:`~ssl_memory.rounding.to_storage`) so that small momentum steps are not lost.
         device: where the bank lives.
         generator: random generator for the initial entries (default: seeded with 0). Under
             ``torch.distributed`` it must give every rank the same draws.
@@ -171,23 +173,25 @@ class MemoryBank(Memory):
             raise error
         if indices.numel() == 0:
             return
-        # Rows sharing an index form a segment of the sorted indices: their mean is summed per segment,
-        # and every row then writes its segment's value (equal for equal indices, so duplicates agree).
-        # No unique(): nothing here waits for the device.
+        # Rows sharing an index form a segment of the sorted indices. Each segment's mean and new entry
+        # are computed once, in a (R, D) table whose first rows are the segments, then every row writes
+        # its segment's entry (duplicates agree, stochastic rounding included). No unique(): nothing
+        # here waits for the device.
         ordered, order = torch.sort(indices)
         starts = torch.ones_like(ordered, dtype=torch.bool)
         starts[1:] = ordered[1:] != ordered[:-1]
         segment = torch.empty_like(order).index_copy_(0, order, starts.cumsum(0) - 1)
-        unit = unit_rows(features)
-        sums = unit.new_zeros(unit.shape).index_add_(0, segment, unit)
-        views = unit.new_zeros(unit.shape[0]).index_add_(0, segment, unit.new_ones(unit.shape[0]))
-        mean = (sums / views.clamp(min=1).unsqueeze(1))[segment]
-        old = self.features[indices].float()
-        moved = self.momentum * old + (1 - self.momentum) * mean
+        entry = torch.zeros_like(indices).index_copy_(0, segment, indices)  # rows past the segments: entry 0, unused
+        sums = features.new_zeros(features.shape).index_add_(0, segment, features)
+        views = features.new_zeros(features.shape[0]).index_add_(0, segment, features.new_ones(features.shape[0]))
+        old = self.features[entry].float()
+        moved = self.momentum * old + (1 - self.momentum) * sums / views.clamp(min=1).unsqueeze(1)
         # views that cancel exactly (v and -v) leave no direction to move to: the entry keeps its value
         norm = moved.norm(dim=1, keepdim=True)
         new = torch.where(norm > 0, moved / norm.clamp(min=1e-30), old)
-        self.features.index_copy_(0, indices, new.to(self.features.dtype))
+        # half-precision storage rounds stochastically, seeded by the count written (the same on every rank)
+        seed = self.num_written if self.features.dtype in HALF_DTYPES else 0
+        self.features.index_copy_(0, indices, to_storage(new, self.features.dtype, seed=seed)[segment])
         self.samples_written.add_(starts.sum())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
