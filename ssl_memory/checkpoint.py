@@ -145,6 +145,9 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     Raises:
         KeyError: when ``generators`` names a generator the state does not hold.
         ValueError: when the state holds CUDA states for more devices than are visible.
+
+    All or nothing: when any state is refused, every generator is put back as it was and the error
+    is raised.
     """
     # check everything first, so that a failure leaves every generator as it was
     cuda = list(state["cuda"])
@@ -156,6 +159,17 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
         if name not in saved:
             raise KeyError(f"generator {name!r} is not in the saved state (it holds {sorted(saved)})")
 
+    # a corrupt torch, numpy or generator state is only detected by its setter: keep the current
+    # states and put them all back if any setter refuses, so a failure leaves every generator as it was
+    previous = capture_rng_state(generators)
+    try:
+        _set_rng_state(state, cuda, saved, generators)
+    except BaseException:
+        _set_rng_state(previous, previous["cuda"], previous["generators"], generators)
+        raise
+
+
+def _set_rng_state(state: Mapping[str, Any], cuda: list, saved: Mapping[str, Any], generators) -> None:
     random.setstate(_as_tuples(state["python"]))
     numpy_state = state["numpy"]
     np.random.set_state(

@@ -34,7 +34,17 @@ def _embeddings(name: str, x: torch.Tensor | MemoryBank) -> torch.Tensor:
         raise ValueError(
             f"{name} must be a floating-point (N, D) tensor, got dtype {x.dtype} and shape {tuple(x.shape)}"
         )
+    # one NaN row would silently take part in every vote (its similarity compares false with all)
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten()
+        raise ValueError(f"{name} must be finite, got {rows.numel()} row(s) with NaN or inf, first row {int(rows[0])}")
     return x
+
+
+def _nonempty(name: str, x: torch.Tensor) -> None:
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one row, got shape {tuple(x.shape)}")
 
 
 def _labels(name: str, labels: torch.Tensor, length: int) -> torch.Tensor:
@@ -46,7 +56,8 @@ def _labels(name: str, labels: torch.Tensor, length: int) -> torch.Tensor:
         raise ValueError(f"{name} must have shape ({length},), got {tuple(labels.shape)}")
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"{name} must be non-negative class ids, got a minimum of {int(labels.min())}")
-    return labels
+    # uint8/int8/int16 ids index a vote table and PML's label comparisons: widen them to int64
+    return labels.long()
 
 
 @torch.no_grad()
@@ -79,7 +90,8 @@ def knn_predict(
         gallery_labels: class id of each gallery entry.
         k: neighbours that vote (clipped to the gallery size); ``k=1`` is the 1-NN classifier.
         temperature: :math:`T` of the vote weights.
-        num_classes: number of classes; defaults to ``gallery_labels.max() + 1``.
+        num_classes: number of classes; defaults to ``gallery_labels.max() + 1``. The output has a
+            column per class id, so remap sparse or huge ids first (:func:`knn_accuracy` does).
         chunk_size: queries per similarity block.
 
     Returns:
@@ -106,8 +118,7 @@ def knn_predict(
     check_positive_int("chunk_size", chunk_size)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}")
-    if gallery.shape[0] == 0:
-        raise ValueError("gallery must hold at least one entry, got 0")
+    _nonempty("gallery", gallery)
     if num_classes is None:
         num_classes = int(gallery_labels.max()) + 1
     elif int(gallery_labels.max()) >= num_classes:
@@ -155,12 +166,16 @@ def knn_accuracy(
     """
     query = _embeddings("query", query)
     query_labels = _labels("query_labels", query_labels, query.shape[0])
-    if query.shape[0] == 0:
-        raise ValueError("query must hold at least one row, got 0")
-    gallery_labels = _labels("gallery_labels", gallery_labels, _embeddings("gallery", gallery).shape[0])
-    num_classes = int(max(int(query_labels.max()), int(gallery_labels.max()))) + 1
-    scores = knn_predict(query, gallery, gallery_labels, k, temperature, num_classes, chunk_size)
-    return (scores.argmax(1).cpu() == query_labels.cpu()).float().mean().item()
+    _nonempty("query", query)
+    gallery_tensor = _embeddings("gallery", gallery)
+    _nonempty("gallery", gallery_tensor)
+    gallery_labels = _labels("gallery_labels", gallery_labels, gallery_tensor.shape[0])
+    # vote over the distinct ids only (sorted, so ties still go to the smallest id): a class id of
+    # 3e9 would otherwise ask for a (Q, 3e9) vote table
+    ids, compact = torch.unique(torch.cat([query_labels.cpu(), gallery_labels.cpu()]), return_inverse=True)
+    query_compact, gallery_compact = compact[: query.shape[0]], compact[query.shape[0] :]
+    scores = knn_predict(query, gallery, gallery_compact, k, temperature, ids.numel(), chunk_size)
+    return (scores.argmax(1).cpu() == query_compact).float().mean().item()
 
 
 class RetrievalCalculator(AccuracyCalculator):
@@ -247,6 +262,7 @@ def retrieval_metrics(
     """
     query = _embeddings("query", query)
     query_labels = _labels("query_labels", query_labels, query.shape[0])
+    _nonempty("query", query)
     if (reference is None) != (reference_labels is None):
         raise ValueError("reference and reference_labels must be given together")
     if reference is not None:

@@ -173,3 +173,24 @@ def test_writer_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_pat
         if kills_mid_write == 3:
             break
     assert kills_mid_write == 3
+
+
+@pytest.mark.parametrize("corrupt", ["torch", "generator", "numpy"])
+def test_restore_with_a_corrupt_state_changes_nothing(corrupt):
+    generator = torch.Generator().manual_seed(3)
+    state = capture_rng_state({"augment": generator})
+    if corrupt == "torch":
+        state["torch"] = torch.zeros(3, dtype=torch.uint8)
+    elif corrupt == "generator":
+        state["generators"]["augment"] = torch.zeros(3, dtype=torch.uint8)
+    else:
+        state["numpy"]["key"] = torch.zeros(3, dtype=torch.int64)
+    torch.rand(1), random.random(), np.random.rand(), torch.rand(1, generator=generator)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state(legacy=False), generator.get_state())
+    with pytest.raises((RuntimeError, ValueError, IndexError)):  # whatever the refusing setter raises
+        restore_rng_state(state, {"augment": generator})
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    numpy_after = np.random.get_state(legacy=False)
+    assert (numpy_after["state"]["key"] == before[2]["state"]["key"]).all()
+    assert numpy_after["state"]["pos"] == before[2]["state"]["pos"]
+    assert torch.equal(generator.get_state(), before[3])

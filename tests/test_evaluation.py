@@ -220,3 +220,61 @@ def test_retrieval_calculator_is_a_pml_accuracy_calculator():
     assert result["recall_at_k"] == {1: 1.0, 2: 1.0}
     result = calc.get_accuracy(x, torch.tensor([0, 1, 0, 1]))
     assert result["recall_at_k"][1] == 0.0
+
+
+def test_non_finite_embeddings_are_refused_by_name():
+    gallery, labels = torch.randn(10, 4), torch.arange(10) % 2
+    query, query_labels = torch.randn(3, 4), torch.zeros(3, dtype=torch.long)
+    bad = gallery.clone()
+    bad[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"gallery must be finite.*row 7"):
+        knn_accuracy(query, query_labels, bad, labels)
+    bad_query = query.clone()
+    bad_query[2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"query must be finite.*row 2"):
+        knn_predict(bad_query, gallery, labels)
+    with pytest.raises(ValueError, match=r"query must be finite.*row 2"):
+        retrieval_metrics(bad_query, query_labels)
+    with pytest.raises(ValueError, match=r"reference must be finite.*row 7"):
+        retrieval_metrics(query, query_labels, bad, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_any_integer_label_dtype(dtype):
+    g = torch.Generator().manual_seed(4)
+    gallery, query = torch.randn(30, 5, generator=g), torch.randn(9, 5, generator=g)
+    labels, query_labels = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (9,), generator=g)
+    expected = knn_accuracy(query, query_labels, gallery, labels, k=5)
+    assert knn_accuracy(query, query_labels.to(dtype), gallery, labels.to(dtype), k=5) == expected
+    torch.testing.assert_close(knn_predict(query, gallery, labels.to(dtype), k=5), knn_predict(query, gallery, labels, k=5))
+    assert retrieval_metrics(query, query_labels.to(dtype)) == retrieval_metrics(query, query_labels)
+
+
+def test_huge_label_ids_are_remapped_not_tabled():
+    """A class id of 3e9 would need a (Q, 3e9) vote table; the accuracy only needs the distinct ids."""
+    g = torch.Generator().manual_seed(5)
+    gallery, query = torch.randn(30, 5, generator=g), torch.randn(9, 5, generator=g)
+    labels, query_labels = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (9,), generator=g)
+    ids = torch.tensor([7, 3_000_000_000, 12])  # not in the order of the small ids: ties must follow the real ids
+    expected = (brute_knn_scores(query, gallery, labels, 5, 0.07, 3)[:, ids.argsort()].argmax(1))
+    expected = ids.sort().values[expected]
+    accuracy = knn_accuracy(query, ids[query_labels], gallery, ids[labels], k=5)
+    assert accuracy == pytest.approx((expected == ids[query_labels]).float().mean().item())
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: knn_accuracy(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.randn(0, 4),
+                              torch.zeros(0, dtype=torch.long)), "gallery must hold at least one"),
+        (lambda: knn_predict(torch.randn(3, 4), torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),
+         "gallery must hold at least one"),
+        (lambda: retrieval_metrics(torch.randn(0, 4), torch.zeros(0, dtype=torch.long), torch.randn(5, 4),
+                                   torch.zeros(5, dtype=torch.long)), "query must hold at least one"),
+        (lambda: retrieval_metrics(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.randn(0, 4),
+                                   torch.zeros(0, dtype=torch.long)), "reference"),
+    ],
+)
+def test_empty_inputs_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -302,7 +302,42 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
     def set_extra_state(self, state: dict) -> None:
         self.queue_idx, self.has_been_filled, self.step = state["queue_idx"], state["has_been_filled"], state["step"]
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: a state refused for any reason (a check below,
+        a missing or unexpected key under ``strict=True``, a submodule's own check) leaves the module as it was."""
+        previous = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.state_dict().items()}
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            # torch raises on unexpected keys only after copying the rest: put the previous state back
+            super().load_state_dict(previous, strict=False)
+            raise
+
+    def _check_state(self, state_dict, prefix) -> None:
+        """Refuse a state that would corrupt the memory, naming the key, before anything is copied."""
+        memory = state_dict.get(prefix + "embedding_memory")
+        if isinstance(memory, torch.Tensor) and memory.is_floating_point() and not bool(torch.isfinite(memory).all()):
+            raise ValueError(f"state_dict['{prefix}embedding_memory'] holds NaN or infinite values")
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is None:
+            return
+        name = f"state_dict['{prefix}_extra_state']"
+        expected = ("queue_idx", "has_been_filled", "step")
+        if not isinstance(extra, dict):
+            raise ValueError(f"{name} must be a dict, got {type(extra).__name__}")
+        missing = [key for key in expected if key not in extra]
+        if missing:
+            raise ValueError(f"{name} lacks {missing} (it holds {sorted(extra)})")
+        queue_idx, filled, step = (extra[key] for key in expected)
+        if isinstance(queue_idx, bool) or not isinstance(queue_idx, int) or not 0 <= queue_idx < self.memory_size:
+            raise ValueError(f"{name}['queue_idx'] must lie in [0, {self.memory_size}), got {queue_idx!r}")
+        if not isinstance(filled, bool):
+            raise ValueError(f"{name}['has_been_filled'] must be a bool, got {filled!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{name}['step'] must be a non-negative int, got {step!r}")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        self._check_state(state_dict, prefix)
         memory = state_dict.get(prefix + "embedding_memory")
         for name in ("embedding_memory", "label_memory"):  # take the saved dtype, as the saving run had it
             saved = state_dict.get(prefix + name)
