@@ -93,7 +93,9 @@ def augment(x):
 def readme_snippet():
     """The README's per-sample memory bank snippet: its set-up, and its loop over the loader (one epoch)."""
     blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
-    (code,) = [b for b in blocks if "merger=NeighbourMerger()" in b]
+    # the replicated bank's block (the sharded and Lightning sections have blocks of their own)
+    (code,) = [b for b in blocks if "merger=NeighbourMerger()" in b and re.search(r"\bMemoryBankLoss\(", b)
+               and "LightningModule" not in b]
     setup, loop = code.split("for batch in loader:")
     return setup, "for batch in loader:" + loop
 
