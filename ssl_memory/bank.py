@@ -195,6 +195,11 @@ class MemoryBank(Memory):
         self.samples_written.add_(starts.sum())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.check_loaded_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def check_loaded_state(self, state_dict, prefix: str) -> None:
+        """Raise ``ValueError`` if ``state_dict`` holds a bank state (under ``prefix``) that would corrupt it."""
         features = loaded_tensor(state_dict, prefix, "features", (self.num_entries, self.dim), floating=True)
         groups = loaded_tensor(state_dict, prefix, "groups", (self.num_entries,), floating=False)
         written = loaded_tensor(state_dict, prefix, "samples_written", (), floating=False)
@@ -209,7 +214,6 @@ class MemoryBank(Memory):
             )
         if written is not None:
             check_loaded(prefix + "samples_written", int(written) >= 0, f"must be non-negative, got {int(written)}")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_entries={self.num_entries}, dim={self.dim}, momentum={self.momentum}, dtype={self.features.dtype}"

@@ -592,12 +592,14 @@ class NeighbourMerger(nn.Module):
         table = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(_SAVED_FIELDS))
         return table.nan_to_num(nan=math.inf)
 
+    def check_loaded_state(self, state_dict, prefix: str) -> None:
+        """Raise ``ValueError`` if ``state_dict`` holds a history (under ``prefix``) that would be refused."""
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            _check_history(key, state_dict[key])
+
     def set_extra_state(self, state: torch.Tensor) -> None:
-        if not isinstance(state, torch.Tensor) or state.dim() != 2 or state.shape[1] != len(_SAVED_FIELDS):
-            raise ValueError(
-                f"a NeighbourMerger's saved history must be a (rounds, {len(_SAVED_FIELDS)}) tensor, got "
-                f"{tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__}"
-            )
+        _check_history("_extra_state", state)
         table = state.double().masked_fill(state == math.inf, math.nan)
         self.history = [
             MergeReport(
@@ -617,6 +619,14 @@ class NeighbourMerger(nn.Module):
             f"max_group_size={self.max_group_size}, max_merged_share={self.max_merged_share}, "
             f"initial_share={self.initial_share}, share_growth={self.share_growth}, max_share={self.max_share}, "
             f"min_similarity={self.min_similarity}, backend={self.backend!r}"
+        )
+
+
+def _check_history(key: str, state: object) -> None:
+    if not isinstance(state, torch.Tensor) or state.dim() != 2 or state.shape[1] != len(_SAVED_FIELDS):
+        raise ValueError(
+            f"state_dict[{key!r}]: a NeighbourMerger's saved history must be a (rounds, {len(_SAVED_FIELDS)}) "
+            f"tensor, got {tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__}"
         )
 
 

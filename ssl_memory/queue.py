@@ -198,6 +198,11 @@ class Queue(Memory):
         self.count.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.check_loaded_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def check_loaded_state(self, state_dict, prefix: str) -> None:
+        """Raise ``ValueError`` if ``state_dict`` holds a queue state (under ``prefix``) that would corrupt it."""
         slots = loaded_tensor(state_dict, prefix, "slots", (self.size, self.dim), floating=True)
         if self.labelled:
             loaded_tensor(state_dict, prefix, "slot_labels", (self.size,), floating=False)
@@ -217,7 +222,6 @@ class Queue(Memory):
                 int(pointer) == int(count),
                 f"must equal count ({int(count)}) while the queue is not full, got {int(pointer)}",
             )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, labelled={self.labelled}, dtype={self.slots.dtype}"

@@ -242,6 +242,11 @@ class ShardedMemoryBank(nn.Module):
         self.shard.samples_written.copy_(written)  # the seed of its stochastic rounding
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.check_loaded_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def check_loaded_state(self, state_dict, prefix: str) -> None:
+        """Raise ``ValueError`` if ``state_dict`` holds a shard state (under ``prefix``) that would corrupt it."""
         layout = loaded_tensor(state_dict, prefix, "layout", (2,), floating=False)
         if layout is not None:
             check_loaded(
@@ -255,7 +260,6 @@ class ShardedMemoryBank(nn.Module):
             low, high = (int(v) for v in torch.aminmax(groups))
             n = self.num_entries
             check_loaded(prefix + "groups", low >= 0 and high < n, f"must lie in [0, {n}), got [{low}, {high}]")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

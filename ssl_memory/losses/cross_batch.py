@@ -6,8 +6,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .._state import CheckedLoad
 from .._validation import (
     check_features,
     check_index_vector,
@@ -149,7 +149,7 @@ def xbm_contrastive(
     return pairs.loss(query, labels, pairs.counts.tolist())
 
 
-class CrossBatchLoss(nn.Module):
+class CrossBatchLoss(CheckedLoad):
     r"""Cross-batch memory (XBM, Wang et al., 2020): a contrastive loss whose pairs also reach past batches.
 
     For anchor :math:`b` with label :math:`y_b` and cosine similarities :math:`s_{bj}` to a set of

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .._state import CheckedLoad
 from .._validation import (
     check_non_negative_number,
     check_positive_number,
@@ -20,7 +20,7 @@ from ..distributed import share_reads
 from .consistency import check_mode, consistency_from_log_probs, view_layout
 
 
-class MemoryBankLoss(nn.Module):
+class MemoryBankLoss(CheckedLoad):
     r"""Non-parametric instance discrimination (NPID) with the improvements of Bulat et al. (ICASSP 2021).
 
     Each row :math:`r` of the batch is a view of sample :math:`i_r`; with :math:`f_r` its normalised

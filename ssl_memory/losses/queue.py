@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .._state import CheckedLoad
 from .._validation import (
     check_features,
     check_index_vector,
@@ -24,7 +24,7 @@ from ..queue import Queue
 _NO_ID = -1
 
 
-class QueueLoss(nn.Module):
+class QueueLoss(CheckedLoad):
     r"""MoCo's contrastive loss: each query must pick its own key among the keys of past batches (He et al., 2020).
 
     With unit :math:`q, k_+` (normalised inside) and the queue's keys :math:`n_1..n_M`,

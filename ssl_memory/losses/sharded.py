@@ -6,15 +6,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .._state import CheckedLoad
 from .._validation import check_non_negative_number, check_positive_number, first_failure
 from ..distributed_autograd import all_reduce_max, all_reduce_sum, gather_rows_with_grad
 from ..sharded_bank import ShardedMemoryBank
 from .consistency import check_mode, consistency_from_log_probs
 
 
-class ShardedMemoryBankLoss(nn.Module):
+class ShardedMemoryBankLoss(CheckedLoad):
     r""":class:`~ssl_memory.MemoryBankLoss` against a :class:`~ssl_memory.ShardedMemoryBank`: same loss, same gradients.
 
     Every rank returns the loss of its own rows, equal to what ``MemoryBankLoss`` on a replicated bank
