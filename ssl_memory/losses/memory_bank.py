@@ -155,11 +155,20 @@ class MemoryBankLoss(CheckedLoad):
         return loss
 
     def terms(
-        self, embeddings: torch.Tensor, indices: torch.Tensor, update_memory: bool = True
+        self,
+        embeddings: torch.Tensor,
+        indices: torch.Tensor,
+        update_memory: bool = True,
+        *,
+        error: Exception | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The unreduced parts of the loss; updates the memory (and steps the merger) when asked."""
+        """The unreduced parts of the loss; updates the memory (and steps the merger) when asked.
+
+        ``error``: a check the caller's own code failed on this input (a wrapper's): raised here instead
+        of computing anything, on every rank together under ``torch.distributed``.
+        """
         memory = self.memory
-        error = first_failure(lambda: self._check(embeddings, indices, values=False))
+        error = error or first_failure(lambda: self._check(embeddings, indices, values=False))
         # the step's one device read, shared by the ranks when the memory is written: the value
         # checks, the views' layout, and every rank's row count and verdict
         num_flags, num_layout = 3 * self.checks, 4 * (self.consistency_weight > 0)

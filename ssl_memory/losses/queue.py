@@ -107,11 +107,21 @@ class QueueLoss(CheckedLoad):
         return self.terms(query, key, indices, update_memory=update_memory)["contrastive"].mean()
 
     def terms(
-        self, query: torch.Tensor, key: torch.Tensor, indices: torch.Tensor | None = None, update_memory: bool = True
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        update_memory: bool = True,
+        *,
+        error: Exception | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The per-query loss; enqueues the keys when ``update_memory``."""
+        """The per-query loss; enqueues the keys when ``update_memory``.
+
+        ``error``: a check the caller's own code failed on this input (a wrapper's): raised here instead
+        of computing anything, on every rank together under ``torch.distributed``.
+        """
         queue = self.queue
-        error = first_failure(lambda: self._check(query, key, indices, values=False))
+        error = error or first_failure(lambda: self._check(query, key, indices, values=False))
         # the step's one device read (the value checks), shared by the ranks with their row counts
         # and verdicts when the keys are enqueued
         num_flags = 4 * self.checks

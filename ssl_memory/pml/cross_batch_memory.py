@@ -10,8 +10,8 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .._validation import check_features, check_index_vector, check_non_negative_int, check_positive_int
+from ..distributed import is_distributed
 from . import dense
-from .distributed import pml_gather_order
 from .triplet_swap import swap_triplet_loss
 
 
@@ -57,9 +57,11 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
       the next write at slot 0 (where PML's pointer is whenever the rows written so far are a
       multiple of ``memory_size``); assign ``queue_idx`` after loading if you know better. A
       checkpoint of ours loads into PML's class with ``strict=False``.
-    - Under PML's ``DistributedLossWrapper`` the gathered rows are enqueued in rank order, so every
-      rank holds the same memory (PML's wrapper gathers each rank's own rows first, PML #639). With
-      :class:`~ssl_memory.pml.DistributedLossWrapper`, ``efficient=True`` works too (PML #448).
+    - Under ``torch.distributed`` it runs inside :class:`~ssl_memory.pml.DistributedLossWrapper`
+      (ours, and it refuses any other caller there): every rank's rows are enqueued in rank order, so
+      every rank holds the same memory (PML's wrapper gathers each rank's own rows first, PML #639),
+      batch sizes may differ, bad input on any rank raises on every rank, and ``efficient=True``
+      works (PML #448).
     - ``TripletMarginLoss(swap=True)`` takes the positive-negative distance between the two memory
       rows (PML 2.9 indexes the batch with memory slots: wrong values on the first call, an
       IndexError from the second, PML #748).
@@ -109,36 +111,38 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
         indices_tuple: tuple | None = None,
         enqueue_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        labels, enqueue_mask = self._checked(embeddings, labels, indices_tuple, enqueue_mask)
-        order = pml_gather_order(self, embeddings.shape[0])
-        if order is not None:  # PML's wrapper put this rank's rows first: restore rank order
-            order = order.to(embeddings.device)
-            embeddings, labels = embeddings[order], labels[order]
-            enqueue_mask = None if enqueue_mask is None else enqueue_mask[order]
-            if indices_tuple is not None:
-                position = torch.empty_like(order)
-                position[order] = torch.arange(order.numel(), device=order.device)
-                indices_tuple = tuple(position[c_f.to_device(x, order)] for x in indices_tuple)
-        own_rows = (embeddings, labels, enqueue_mask)
-        return self._forward_rows(embeddings, labels, indices_tuple, enqueue_mask, own_rows, 0)
+        if is_distributed():
+            # Rows reaching forward here come from a caller that gathered them in its own order (PML's
+            # wrapper puts each rank's rows first) or not at all: either way the memories would differ.
+            raise RuntimeError(
+                "under torch.distributed, wrap ssl_memory.pml.CrossBatchMemory in "
+                "ssl_memory.pml.DistributedLossWrapper: it gathers every rank's rows in rank order (any batch "
+                "sizes), so every rank holds the same memory, and raises bad input on every rank. PML's own "
+                "DistributedLossWrapper gathers each rank's rows first (PML #639), and a direct call would "
+                "remember only this rank's rows"
+            )
+        return self.forward_shared(embeddings, labels, indices_tuple, enqueue_mask)
 
     def forward_shared(
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        indices_tuple: tuple | None,
-        enqueue_mask: torch.Tensor | None,
-        gathered: list[torch.Tensor],
-        offset: int,
+        indices_tuple: tuple | None = None,
+        enqueue_mask: torch.Tensor | None = None,
+        gathered: list[torch.Tensor | None] | None = None,
+        offset: int = 0,
     ) -> torch.Tensor:
-        """This rank's queries against a memory that receives every rank's rows (``efficient=True``).
+        """These queries against a memory that receives ``gathered`` rows (by default the queries' own).
 
-        Called by :class:`~ssl_memory.pml.DistributedLossWrapper` with ``gathered`` (every rank's
-        embeddings, labels and enqueue mask, in rank order) and ``offset``, where this rank's rows
-        start in them.
+        :class:`~ssl_memory.pml.DistributedLossWrapper` calls it with every rank's rows in rank order:
+        as queries too (``efficient=False``), or with ``gathered`` (every rank's embeddings, labels and
+        enqueue mask) and ``offset``, where this rank's rows start in them (``efficient=True``).
         """
         labels, enqueue_mask = self._checked(embeddings, labels, indices_tuple, enqueue_mask)
-        every_rank = [x.to(embeddings.device) for x in gathered] + [None] * (3 - len(gathered))
+        if gathered is None:
+            every_rank = (embeddings, labels, enqueue_mask)
+        else:
+            every_rank = [None if x is None else x.to(embeddings.device) for x in gathered]
         return self._forward_rows(embeddings, labels, indices_tuple, enqueue_mask, every_rank, offset)
 
     def _forward_rows(self, embeddings, labels, indices_tuple, enqueue_mask, every_rank, offset) -> torch.Tensor:

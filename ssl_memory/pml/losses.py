@@ -11,7 +11,8 @@ The losses are defined on cosine similarities of L2-normalised embeddings, so th
 accepted is ``CosineSimilarity`` (the default) or a normalising ``DotProductSimilarity``.
 
 Under ``torch.distributed``, call them directly: their memories gather every rank's rows
-themselves. ``DistributedLossWrapper`` would hand them every rank's batch as well, so queues would
+themselves, and input that fails a check on any rank (PML's own checks included) raises the same
+:class:`~ssl_memory.DistributedInputError` on every rank before anything is written. ``DistributedLossWrapper`` would hand them every rank's batch as well, so queues would
 receive each row once per rank (a memory bank is unaffected: duplicates average to the same update).
 """
 
@@ -44,11 +45,34 @@ def _rows(values: torch.Tensor) -> torch.Tensor:
 
 
 class _CoreLoss(BaseMetricLossFunction):
-    """What the wrappers share: the distance check, the sub-loss dict and the stats."""
+    """What the wrappers share: the distance check, the input checks, the sub-loss dict and the stats."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _check_distance(type(self).__name__, self.distance)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None) -> torch.Tensor:
+        """PML's ``forward``, its input checks joined to the memory's verdict (see the module docstring)."""
+        self.reset_stats()
+        try:
+            c_f.check_shapes(embeddings, labels)
+            if labels is not None:
+                labels = c_f.to_device(labels, embeddings)
+            ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+            self._check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        except (TypeError, ValueError) as error:
+            self._refuse(error)
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def _check_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
+        """Raise for arguments this loss does not take."""
+        raise NotImplementedError
+
+    def _refuse(self, error: Exception) -> None:
+        """Raise ``error`` through the core loss: on every rank together under ``torch.distributed``."""
+        raise NotImplementedError
 
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
@@ -125,10 +149,15 @@ class PMLMemoryBankLoss(_CoreLoss):
     def _sub_loss_names(self) -> list[str]:
         return ["discrimination", "consistency"]
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def _check_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
         c_f.indices_tuple_not_supported(indices_tuple)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         c_f.labels_required(labels)
+
+    def _refuse(self, error: Exception) -> None:
+        self.criterion.terms(None, None, error=error)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         terms = self.criterion.terms(embeddings, labels)
         last = self.criterion.last
         report = last.get("merge")
@@ -195,12 +224,17 @@ class PMLQueueLoss(_CoreLoss):
     def _sub_loss_names(self) -> list[str]:
         return ["contrastive"]
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def _check_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
         c_f.indices_tuple_not_supported(indices_tuple)
         if ref_emb is embeddings:
             raise ValueError("PMLQueueLoss needs the keys as ref_emb: loss_fn(queries, labels, ref_emb=keys)")
         if ref_labels is not None and (labels is None or not torch.equal(ref_labels, labels)):
             raise ValueError("ref_labels must be None or equal to labels: a key shares its query's sample id")
+
+    def _refuse(self, error: Exception) -> None:
+        self.criterion.terms(None, None, error=error)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self._record(queue_fill=len(self.queue))
         contrastive = self.criterion.terms(embeddings, ref_emb, labels)["contrastive"]
         return {"contrastive": {"losses": contrastive, "indices": _rows(contrastive), "reduction_type": "element"}}
