@@ -37,10 +37,10 @@ def rank_batch(rank, step, masked, equal_sizes):
 
 
 def wrapper_worker(rank, world_size, runs):
-    """Each run is (wrapper, loss, masked, efficient, equal_sizes): our CrossBatchMemory in PML's wrapper or
-    ours; each step gives this rank's loss and gradient, and the memory. One spawn serves several runs."""
+    """Each run is (wrapper, loss, masked, efficient, equal_sizes): our CrossBatchMemory in our wrapper; each
+    step gives this rank's loss and gradient, and the memory. One spawn serves several runs."""
     results = []
-    for wrapper, loss_name, masked, efficient, equal_sizes in runs:
+    for _, loss_name, masked, efficient, equal_sizes in runs:
         criterion = CrossBatchMemory(make_loss(loss_name), DIM, MEMORY)
         loss_fn = DistributedLossWrapper(criterion, efficient=efficient)
         out = []

@@ -12,8 +12,9 @@ accepted is ``CosineSimilarity`` (the default) or a normalising ``DotProductSimi
 
 Under ``torch.distributed``, call them directly: their memories gather every rank's rows
 themselves, and input that fails a check on any rank (PML's own checks included) raises the same
-:class:`~ssl_memory.DistributedInputError` on every rank before anything is written. ``DistributedLossWrapper`` would hand them every rank's batch as well, so queues would
-receive each row once per rank (a memory bank is unaffected: duplicates average to the same update).
+:class:`~ssl_memory.DistributedInputError` on every rank before anything is written.
+``DistributedLossWrapper`` would hand them every rank's batch as well, so queues would receive each
+row once per rank (a memory bank is unaffected: duplicates average to the same update).
 """
 
 from __future__ import annotations
