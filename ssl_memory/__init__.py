@@ -6,7 +6,7 @@ The public API is what this module exports; the pytorch-metric-learning layer li
 
 from .bank import MemoryBank
 from .data import MultiAugCollate, WithIndex
-from .distributed import DistributedInputError
+from .distributed import DistributedInputError, MemoryDivergenceError
 from .evaluation import RetrievalCalculator, knn_accuracy, knn_predict, retrieval_metrics
 from .losses import ConsistencyLoss, CrossBatchLoss, MemoryBankLoss, QueueLoss, ShardedMemoryBankLoss
 from .merging import MergeReport, NeighbourMerger
@@ -53,5 +53,6 @@ __all__ = [
     "retrieval_metrics",
     # errors
     "DistributedInputError",
+    "MemoryDivergenceError",
 ]
 __version__ = "0.2.0"

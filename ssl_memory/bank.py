@@ -158,17 +158,21 @@ class MemoryBank(Memory):
         gather: bool,
         error: Exception | None,
         counts: list[int] | None = None,
+        agreed: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """:meth:`update` for callers that checked the rows themselves (``error``: their verdict, or None).
 
         ``counts``: every rank's row count, when the caller exchanged them already
-        (:func:`~ssl_memory.distributed.share_reads`).
+        (:func:`~ssl_memory.distributed.share_reads`). ``agreed``: counters that must be equal on
+        every rank, checked in the same exchange (by default ``samples_written``, which a merger's
+        schedule reads: ranks that disagree on it would not enter a merge round together).
         """
         if error is not None:  # this rank still joins the gather, with no rows, so every rank can raise
             indices, features = self.groups[:0], self.features.new_empty(0, self.dim, dtype=torch.float32)
         indices, features = indices.long(), unit_rows(features).float()
         if gather:
-            indices, features = gather_rows(indices, features, error=error, counts=counts)
+            agreed = agreed if agreed is not None else {"samples_written": self.samples_written}
+            indices, features = gather_rows(indices, features, error=error, counts=counts, agreed=agreed)
         elif error is not None:
             raise error
         if indices.numel() == 0:

@@ -23,6 +23,37 @@ class DistributedInputError(ValueError):
     """Bad input on some rank(s) of a collective write: raised on every rank, and nothing was written."""
 
 
+class MemoryDivergenceError(RuntimeError):
+    """The ranks' memories (contents or counters) differ where they must be identical: raised on every rank.
+
+    Typical cause: ranks resumed from different checkpoints, or one rank's state loaded partly
+    (``strict=False`` without ``samples_written``). Nothing was written when it was raised.
+    """
+
+
+def check_agreement(names: list[str], table: list[list[int]], refused: str = "nothing was written on any rank") -> None:
+    """Raise :class:`MemoryDivergenceError` unless every rank's row of ``table`` (one value per name) is equal.
+
+    Every rank calls it with the same gathered ``table``, so all raise together; ``refused`` says what
+    was not done.
+    """
+    differing = [
+        (name, [row[i] for row in table]) for i, name in enumerate(names) if len({row[i] for row in table}) > 1
+    ]
+    if differing:
+        detail = "; ".join(f"{name}: {values} on ranks 0..{len(values) - 1}" for name, values in differing)
+        raise MemoryDivergenceError(
+            f"the ranks' memories have diverged ({detail}); {refused}. Resume every "
+            "rank from the same checkpoint (every buffer of the memory, strict=True)"
+        )
+
+
+def _agreed_values(agreed: dict[str, torch.Tensor] | None, device: torch.device) -> torch.Tensor:
+    if not agreed:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.stack([value.to(device=device, dtype=torch.long).reshape(()) for value in agreed.values()])
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -49,7 +80,10 @@ def raise_together(failures: list[int], error: Exception | None) -> None:
 
 
 def gather_rows(
-    *tensors: torch.Tensor, error: Exception | None = None, counts: list[int] | None = None
+    *tensors: torch.Tensor,
+    error: Exception | None = None,
+    counts: list[int] | None = None,
+    agreed: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Concatenate each tensor's rows from all ranks, in rank order, or raise on every rank together.
 
@@ -64,12 +98,15 @@ def gather_rows(
         error: this rank's failed check, or None.
         counts: every rank's row count, when the caller already exchanged them (:func:`share_reads`):
             the header, and its device sync, are then skipped.
+        agreed: named integer scalars (counters of the memory) that must be equal on every rank; they
+            travel in the header.
 
     Returns:
         The gathered tensors, ``sum(rows of each rank)`` rows each.
 
     Raises:
         DistributedInputError: on every rank, when any rank passed an ``error``.
+        MemoryDivergenceError: on every rank, when the ``agreed`` values differ.
         The ``error`` itself outside distributed runs.
 
     Shape:
@@ -81,11 +118,17 @@ def gather_rows(
         return tensors
     world = dist.get_world_size()
     if counts is None:
-        header = torch.tensor([0 if error else tensors[0].shape[0], int(error is None)], device=tensors[0].device)
+        device = tensors[0].device
+        header = torch.cat([
+            torch.tensor([0 if error else tensors[0].shape[0], int(error is None)], device=device),
+            _agreed_values(agreed, device),
+        ])
         headers = [torch.empty_like(header) for _ in range(world)]
         dist.all_gather(headers, header)
-        counts, verdicts = torch.stack(headers).T.tolist()
-        failures = [r for r, ok in enumerate(verdicts) if not ok]
+        table = torch.stack(headers).tolist()
+        check_agreement(list(agreed or ()), [row[2:] for row in table])
+        counts = [row[0] for row in table]
+        failures = [r for r, row in enumerate(table) if not row[1]]
         if failures:
             raise_together(failures, error)
     longest = max(counts)
@@ -106,6 +149,7 @@ def share_reads(
     error: Exception | None,
     judge: Callable[[list[int]], None],
     collective: bool = True,
+    agreed: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[int], list[int] | None]:
     """A step's one device read, shared by every rank: its ``values``, every rank's row count and verdict.
 
@@ -115,7 +159,9 @@ def share_reads(
     every rank's values on every rank, so all ranks find the same failures and raise the same
     :class:`DistributedInputError` together. Outside distributed runs, or with ``collective=False``
     (a step that writes nothing, so that ranks need not agree), ``error`` or ``judge``'s error is
-    raised here. ``values`` must have the same length on every rank (zeros where ``error``).
+    raised here. ``values`` must have the same length on every rank (zeros where ``error``). ``agreed``: named
+    integer scalars that must be equal on every rank (:class:`MemoryDivergenceError` otherwise), as in
+    :func:`gather_rows`.
 
     Returns:
         This rank's values as a list, and every rank's row count (None outside distributed runs)
@@ -128,10 +174,13 @@ def share_reads(
         judge(read)
         return read, None
     world = dist.get_world_size()
-    header = torch.cat([values.new_tensor([int(error is None), 0 if error else rows]), values.long()])
+    extra = _agreed_values(agreed, values.device)
+    header = torch.cat([values.new_tensor([int(error is None), 0 if error else rows]), extra, values.long()])
     headers = [torch.empty_like(header) for _ in range(world)]
     dist.all_gather(headers, header)
     table = torch.stack(headers).tolist()
+    check_agreement(list(agreed or ()), [row[2 : 2 + extra.numel()] for row in table])
+    table = [row[:2] + row[2 + extra.numel() :] for row in table]
     failures, mine = [], error
     for r, (ok, _, *read) in enumerate(table):
         try:

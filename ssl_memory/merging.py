@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._validation import check_fraction, check_non_negative_int, check_positive_int
-from .distributed import is_distributed, rank
+from .distributed import check_agreement, is_distributed, rank
 from .neighbours import NeighbourSearch, check_backend, make_search
 
 # What a round may search instead of the bank rows: a tensor, or a function computing one when a round runs.
@@ -500,7 +500,8 @@ class NeighbourMerger(nn.Module):
 
             >>> merger.add_groups(criterion.memory, [[0, 7], [3, 4, 9]])
         """
-        _, current = _checked_tables(memory)
+        features, current = _checked_tables(memory)
+        self._check_same_memory(memory, features, current)
         labels = known_labels(groups, current.numel()).to(current.device)
         joined = join_partitions(canonical_groups(current), labels)
         if is_distributed():
@@ -521,6 +522,7 @@ class NeighbourMerger(nn.Module):
         The report is also appended to :attr:`history`.
         """
         features, groups = _checked_tables(memory)
+        self._check_same_memory(memory, features, groups)
         start = time.perf_counter()
         share = self.share()
         # float64 holds every count exactly; on the groups' device only when a collective needs it there
@@ -562,6 +564,29 @@ class NeighbourMerger(nn.Module):
         )
         self.history.append(report)
         return report
+
+    def _check_same_memory(self, memory: nn.Module, features: torch.Tensor, groups: torch.Tensor) -> None:
+        """Under ``torch.distributed``, raise :class:`~ssl_memory.distributed.MemoryDivergenceError` on every
+        rank unless every rank holds the same bank (size, count, groups and rows, by exact checksums) and
+        the same merger schedule: rank 0's groups are about to replace every rank's."""
+        if not is_distributed():
+            return
+        written = getattr(memory, "num_written", -1)
+        values = {
+            "entries": groups.new_tensor(features.shape[0]),
+            "dim": groups.new_tensor(features.shape[1]),
+            "samples_written": groups.new_tensor(written),
+            "merger rounds": groups.new_tensor(self.rounds),
+            "merger epochs_seen": self.epochs_seen.to(groups.device),
+            "groups checksum": checksum(groups),
+        }
+        if getattr(memory, "features_on_every_rank", True):
+            values["features checksum"] = checksum(features)
+        header = torch.stack([value.reshape(()).long() for value in values.values()])
+        table = [torch.empty_like(header) for _ in range(dist.get_world_size())]
+        dist.all_gather(table, header)
+        refused = "memory.groups and the merger were left unchanged on every rank"
+        check_agreement(list(values), torch.stack(table).tolist(), refused)
 
     def _round(self, features: torch.Tensor, groups: torch.Tensor, share: float) -> _Round:
         groups = canonical_groups(groups.to(features.device))
@@ -692,6 +717,17 @@ def join_partitions(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             labels = smallest[partition]
         if torch.equal(labels, before):
             return canonical_groups(labels)
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def checksum(table: torch.Tensor) -> torch.Tensor:
+    """An exact checksum of a table's bits and row order: integer sums, so equal tables give equal sums
+    whatever the reduction order (thread counts may differ between ranks; float sums would not agree)."""
+    bits = table.detach().contiguous().view(_SAME_SIZE_INT[table.element_size()]).reshape(table.shape[0], -1)
+    weights = torch.arange(1, table.shape[0] + 1, device=table.device, dtype=torch.int64)
+    return (bits.sum(1, dtype=torch.int64) * weights).sum()
 
 
 def _searched(features: torch.Tensor, embeddings: Embeddings) -> torch.Tensor:

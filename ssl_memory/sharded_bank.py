@@ -278,6 +278,8 @@ class MergeView:
     the other ranks hold nothing more. :attr:`groups` is the bank's own buffer, written in place.
     """
 
+    features_on_every_rank = False  # rank 0 holds the rows, so a merger's divergence check skips them
+
     def __init__(self, bank: ShardedMemoryBank) -> None:
         self.bank = bank
 

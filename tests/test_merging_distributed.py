@@ -5,7 +5,7 @@ import pytest
 import torch
 from distributed_helpers import run_distributed
 
-from ssl_memory import MemoryBank, NeighbourMerger
+from ssl_memory import MemoryBank, MemoryDivergenceError, NeighbourMerger
 from ssl_memory.distributed import rank
 from ssl_memory.neighbours import TorchSearch
 
@@ -31,16 +31,21 @@ def agreement_worker(rank_, world_size):
         report = merger.step(bank)
         reports.append(None if report is None else timeless([report])[0])
     state = (bank.features.clone(), bank.groups.clone(), bank.num_written, reports, timeless(merger.history))
-    if rank_ > 0:  # a bank that drifted apart (written behind the API's back): rank 0's groups still win
+    if rank_ > 0:  # a bank that drifted apart (written behind the API's back): every rank refuses the round
         bank.features.copy_(torch.nn.functional.normalize(torch.randn(60, 3), dim=1))
-    merger(bank)
-    return features, *state, bank.groups.clone()
+    try:
+        merger(bank)
+        refused = None
+    except MemoryDivergenceError as error:
+        refused = str(error)
+    return features, *state, bank.groups.clone(), refused
 
 
 def test_every_rank_counts_every_write_and_holds_rank_zeros_groups():
-    (features, bank, groups, written, reports, history, drifted), other = run_distributed(agreement_worker, 2)
+    (features, bank, groups, written, reports, history, after, refused), other = run_distributed(agreement_worker, 2)
     assert torch.equal(bank, other[1]) and torch.equal(groups, other[2])
-    assert torch.equal(drifted, other[6]) and not torch.equal(drifted, groups)
+    assert torch.equal(after, groups) and torch.equal(other[6], groups)  # the round was refused: groups kept
+    assert refused == other[7] and "features checksum" in refused and "groups checksum" not in refused
     assert written == other[3] == 120  # both ranks' samples, on both ranks
     assert reports == other[4] and history == other[5]
     assert [i for i, r in enumerate(reports) if r is not None] == [5, 11]  # the ends of epochs 1 and 2

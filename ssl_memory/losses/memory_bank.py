@@ -184,6 +184,7 @@ class MemoryBankLoss(CheckedLoad):
             error,
             lambda read: raise_for_values("embeddings", read[:num_flags], "indices", memory.num_entries),
             collective=update_memory,
+            agreed=self._counters(),
         )
         layout = read[num_flags:]
         indices = indices.long()
@@ -227,8 +228,8 @@ class MemoryBankLoss(CheckedLoad):
             - embeddings: (R, D); indices: (R,)
         """
         error = first_failure(lambda: self._check(embeddings, indices, values=self.checks))
-        if error is not None:
-            self.memory.write(indices, embeddings, gather=True, error=error)  # raises, on every rank
+        if error is not None:  # raises, on every rank
+            self.memory.write(indices, embeddings, gather=True, error=error, agreed=self._counters())
         unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
         self.last["merge"] = self._write(unit, indices.long())
 
@@ -237,8 +238,16 @@ class MemoryBankLoss(CheckedLoad):
         if embeddings.shape[0] == 0:
             raise ValueError("embeddings must hold at least one row, got shape (0, D)")
 
+    def _counters(self) -> dict[str, torch.Tensor]:
+        """What must be equal on every rank before a write: the counters the merge schedule reads."""
+        counters = {"memory.samples_written": self.memory.samples_written}
+        seen = getattr(self.merger, "epochs_seen", None)
+        if isinstance(seen, torch.Tensor):
+            counters["merger.epochs_seen"] = seen
+        return counters
+
     def _write(self, unit: torch.Tensor, indices: torch.Tensor, counts: list[int] | None = None) -> Any:
-        self.memory.write(indices, unit, gather=True, error=None, counts=counts)
+        self.memory.write(indices, unit, gather=True, error=None, counts=counts, agreed=self._counters())
         return self.merger.step(self.memory) if self.merger is not None else None
 
     def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
