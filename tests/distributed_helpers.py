@@ -89,7 +89,7 @@ class _World:
                 if dead or time.monotonic() > stop:
                     self.kill()
                     what = f"process(es) {dead} died" if dead else "a rank hangs"
-                    raise TimeoutError(f"the {len(self.tasks)} ranks did not finish within {deadline} s ({what})")
+                    raise TimeoutError(f"the {len(self.tasks)} ranks did not finish within {deadline} s ({what})") from None
                 continue
             outcomes[rank] = (ok, payload)
             if not ok:  # the other ranks may now wait in a collective forever: give them a moment, then retire all
