@@ -211,3 +211,21 @@ def test_each_pair_mix_is_a_uniform_pair_of_distinct_hardest_entries():
     assert counts.numel() == 36  # every distinct pair of the 9
     expected = i.numel() / 36  # 500
     assert (counts - expected).abs().max() < 0.2 * expected
+
+
+@pytest.mark.parametrize("masked", [0, 3, 7])
+def test_each_query_mix_takes_a_uniform_negative_among_the_available_hardest(masked):
+    """`top` is unordered, so masked slots may sit anywhere in it: draws must still be uniform over the rest."""
+    gen = torch.Generator().manual_seed(17)
+    negatives = F.normalize(torch.randn(12, 5, generator=gen), dim=1)
+    query = negatives[:1].expand(4000, 5) + 0.0
+    logits = query @ negatives.T
+    logits[:, logits[0].topk(masked).indices] = float("-inf")  # the hardest `masked` entries are not negatives
+    available = logits[0].isfinite().nonzero().flatten()
+    hardest = available[logits[0, available].topk(min(8, len(available))).indices]
+    plan = HardNegativeMixer(8, 3, 5, generator=torch.Generator().manual_seed(3))._draw(query, negatives, logits)
+    m = plan["m"].flatten()
+    assert torch.isin(m, hardest).all()
+    counts = torch.bincount(m, minlength=12)[hardest].float()
+    expected = m.numel() / len(hardest)
+    assert (counts - expected).abs().max() < 0.08 * expected
