@@ -347,8 +347,9 @@ class NeighbourMerger(nn.Module):
       25% from the fifth round on.
     - ``min_similarity=0.5``: a floor under the ratio test, above the nearest-neighbour cosine of
       unrelated 128-d unit vectors (about :math:`\sqrt{2 \ln N / D} \approx 0.47` for N = 1.28M).
-    - ``backend="auto"``: exact torch search below ``faiss_threshold`` rows or on a GPU; faiss IVF on
-      CPU above it when faiss is installed (``benchmarks/merger_scale.py``).
+    - ``backend="auto"``: exact search below ``faiss_threshold`` rows (faiss's flat index on CPU when
+      installed, torch otherwise) and on a GPU; :class:`~ssl_memory.IVFSearch` on CPU from there on
+      (``benchmarks/merger_scale.py``).
 
     Args:
         warmup: completed epochs before the first round; 0 allowed.
@@ -360,11 +361,10 @@ class NeighbourMerger(nn.Module):
         share_growth: added to the share after each round, in [0, 1].
         max_share: cap on the per-round share, in [0, 1].
         min_similarity: pairs less similar than this are never merged, in [-1, 1].
-        backend: ``"auto"``, ``"torch"``, ``"faiss-flat"``, ``"faiss-ivf"``, ``"faiss-hnsw"``, or a
-            configured :class:`~ssl_memory.neighbours.NeighbourSearch` such as
-            ``FaissIVFSearch(nprobe=16)``.
+        backend: ``"auto"``, ``"torch"``, ``"ivf"``, ``"faiss-flat"``, ``"faiss-ivf"``, ``"faiss-hnsw"``, or
+            a configured :class:`~ssl_memory.neighbours.NeighbourSearch` such as ``IVFSearch(nprobe=8)``.
         chunk_size: query rows per block of the torch search (``None``: blocks of about 2**26 similarities).
-        faiss_threshold: bank size from which ``"auto"`` uses faiss on CPU.
+        faiss_threshold: bank size from which ``"auto"`` searches approximately (:class:`~ssl_memory.IVFSearch`) on CPU.
         known_groups: groups the user knows, joined into ``memory.groups`` at the first :meth:`step`
             (see :meth:`add_groups` for the format).
 

@@ -13,6 +13,7 @@ from ssl_memory.neighbours import (
     FaissFlatSearch,
     FaissHNSWSearch,
     FaissIVFSearch,
+    IVFSearch,
     TorchSearch,
     make_search,
     nearest_neighbours,
@@ -42,6 +43,7 @@ def unit(n, d, seed):
 BACKENDS = {
     "torch": lambda: TorchSearch(),
     "torch-chunk-7": lambda: TorchSearch(chunk_size=7),
+    "ivf": lambda: IVFSearch(nlist=4, nprobe=4),
     "faiss-flat": lambda: FaissFlatSearch(),
     "faiss-ivf": lambda: FaissIVFSearch(nlist=4, nprobe=4),
     "faiss-hnsw": lambda: FaissHNSWSearch(m=16, ef_construction=200, ef_search=400),
@@ -84,7 +86,7 @@ def test_rows_with_too_few_admissible_neighbours_are_padded(backend):
     assert (ids[:, 3:] == -1).all() and (sims[:, 3:] == -math.inf).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss-flat", marks=needs_faiss)])
+@pytest.mark.parametrize("backend", ["torch", "ivf", pytest.param("faiss-flat", marks=needs_faiss)])
 def test_single_row_and_all_one_group_have_no_neighbours(backend):
     for x, groups in ((unit(1, 4, 0), None), (unit(5, 4, 0), torch.zeros(5, dtype=torch.long))):
         sims, ids = BACKENDS[backend]()(x, 2, groups)
@@ -128,11 +130,34 @@ def test_dense_exclusion_path_for_huge_groups():
 
 
 @needs_faiss
-def test_auto_uses_torch_for_small_banks_and_faiss_ivf_for_large_ones(monkeypatch):
-    assert isinstance(make_search("auto", 1000, "cpu", faiss_threshold=2000), TorchSearch)
-    assert isinstance(make_search("auto", 2000, "cpu", faiss_threshold=2000), FaissIVFSearch)
+def test_auto_searches_exactly_with_faiss_below_the_threshold_and_with_ivf_from_it(monkeypatch):
+    assert isinstance(make_search("auto", 1000, "cpu", faiss_threshold=2000), FaissFlatSearch)
+    assert isinstance(make_search("auto", 2000, "cpu", faiss_threshold=2000), IVFSearch)
+    assert isinstance(make_search("auto", 2000, "meta", faiss_threshold=2000), TorchSearch)  # not the CPU
     monkeypatch.setattr(neighbours, "faiss_available", lambda: False)
-    assert isinstance(make_search("auto", 2000, "cpu", faiss_threshold=2000), TorchSearch)
+    assert isinstance(make_search("auto", 1000, "cpu", faiss_threshold=2000), TorchSearch)
+    assert isinstance(make_search("auto", 2000, "cpu", faiss_threshold=2000), IVFSearch)
+
+
+def test_ivf_without_faiss_gives_the_same_neighbours(monkeypatch):
+    """Its cells come from faiss's flat index when installed, from torch products otherwise."""
+    x = unit(300, 8, seed=4)
+    groups = torch.arange(300) // 3
+    with_faiss = IVFSearch(nlist=6, nprobe=6)(x, 3, groups)
+    monkeypatch.setattr(neighbours, "faiss_available", lambda: False)
+    assert_matches(IVFSearch(nlist=6, nprobe=6)(x, 3, groups), with_faiss)
+    assert_matches(with_faiss, reference(x, 3, groups))
+
+
+def test_ivf_probing_a_few_cells_finds_the_neighbour_of_clustered_rows():
+    """Rows in 40 tight clusters, 64 cells, 4 probed: each row's true nearest neighbour is found."""
+    gen = torch.Generator().manual_seed(9)
+    centres = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    x = F.normalize(centres.repeat_interleave(100, 0) + 0.05 * torch.randn(4000, 16, generator=gen), dim=1)
+    sims, ids = IVFSearch(nlist=64, nprobe=4)(x, 1)
+    exact = TorchSearch()(x, 1)
+    assert (ids == exact[1]).float().mean() >= 0.99
+    torch.testing.assert_close(sims, exact[0])  # wherever it differs, it found an equally similar row
 
 
 @needs_faiss
