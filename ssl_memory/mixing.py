@@ -203,10 +203,12 @@ class HardNegativeMixer(nn.Module):
             pair_norm = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * cosine).clamp_min(1e-12).sqrt()
             query_cosine = logits.detach().gather(1, plan["m"]) / scale
             query_norm = (b * b + (1 - b) ** 2 + 2 * b * (1 - b) * query_cosine).clamp_min(1e-12).sqrt()
-        held = logits.gather(1, subset)
+        # one gather for both kinds: each gather's backward writes a whole (B, M) gradient
+        read = logits.gather(1, torch.cat([subset, plan["m"]], dim=1))
+        held, mixed_in = read[:, : subset.shape[1]], read[:, subset.shape[1] :]
         pair = (a * held.gather(1, p) + (1 - a) * held.gather(1, q)) / pair_norm
         self_similarity = torch.linalg.vecdot(query.to(dtype), unit, dim=1).unsqueeze(1)  # = |query|, grad unit
-        with_query = (b * self_similarity + (1 - b) * logits.gather(1, plan["m"])) / query_norm
+        with_query = (b * self_similarity + (1 - b) * mixed_in) / query_norm
         mixed = torch.cat([pair, with_query], dim=1)
         return mixed.masked_fill(plan["empty"], float("-inf"))
 

@@ -3,23 +3,10 @@
 import pytest
 import torch
 from pytorch_metric_learning import losses
+from state_helpers import assert_unchanged, snapshot
 
 from ssl_memory import CrossBatchLoss, MemoryBankLoss, NeighbourMerger, QueueLoss
 from ssl_memory.pml import CrossBatchMemory
-
-
-def snapshot(module):
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()}
-
-
-def assert_unchanged(module, before):
-    after = module.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(after[key], value), key
-        else:
-            assert after[key] == value, key
 
 
 def used_cbm():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from pytorch_metric_learning import losses
+from state_helpers import assert_unchanged, snapshot
 
 from ssl_memory.pml import CrossBatchMemory
 
@@ -11,21 +12,6 @@ def filled():
     criterion = CrossBatchMemory(losses.ContrastiveLoss(), 3, memory_size=8)
     criterion(torch.randn(5, 3), torch.arange(5))
     return criterion
-
-
-def snapshot(module):
-    state = module.state_dict()
-    return {k: v.clone() if isinstance(v, torch.Tensor) else dict(v) for k, v in state.items()}
-
-
-def assert_unchanged(module, before):
-    after = module.state_dict()
-    assert after.keys() == before.keys()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(after[key], value), key
-        else:
-            assert after[key] == value, key
 
 
 def extra(**changes):
