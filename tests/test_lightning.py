@@ -114,3 +114,27 @@ def test_lightning_helper_lists_exactly_the_memory_buffers_for_ddp_to_skip():
         exclude_from_buffer_broadcast(model)
     with pytest.raises(ValueError, match=r"submodules must be modules of module, got \['Linear'\]"):
         exclude_from_buffer_broadcast(model, torch.nn.Linear(2, 2))
+
+
+def test_lightning_ddp_resume_continues_as_the_uninterrupted_run_on_both_ranks(tmp_path):
+    """2 gloo processes cut after one epoch and resumed from last.ckpt: each rank's losses and memory are the
+    uninterrupted 2-process run's (each rank's RNG state travels in the checkpoint)."""
+    ddp = ["--smoke", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"]
+
+    def run(name, *options):
+        command = [sys.executable, "examples/lightning_bank.py", *ddp, "--checkpoint-dir", str(tmp_path / name), *options]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run("whole", "--epochs", "2", "--dump", str(tmp_path / "whole"))
+    run("cut", "--epochs", "1")
+    run("cut", "--epochs", "2", "--resume", str(tmp_path / "cut/last.ckpt"), "--dump", str(tmp_path / "resumed"))
+    for rank in range(2):
+        whole = torch.load(tmp_path / f"whole/rank{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / f"resumed/rank{rank}.pt", weights_only=False)
+        steps = len(resumed["losses"])
+        assert 0 < steps < len(whole["losses"])
+        torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(whole["losses"][-steps:]))
+        for name, value in whole["criterion"].items():
+            torch.testing.assert_close(resumed["criterion"][name], value, rtol=0, atol=1e-6, msg=name)
+        assert [r["pairs_merged"] for r in resumed["history"]] == [r["pairs_merged"] for r in whole["history"]]
