@@ -260,29 +260,7 @@ class FaissFlatSearch(_FaissSearch):
         return index, *_search_every_row(index, data, k)
 
 
-class _InvertedFile:
-    """What the inverted-file backends share: their cells, how many are probed, how k-means is trained."""
-
-    def _set_cells(
-        self, nlist: int | None, nprobe: int, train_per_cell: int, kmeans_iterations: int, seed: int
-    ) -> None:
-        if nlist is not None:
-            check_positive_int("nlist", nlist)
-        check_positive_int("nprobe", nprobe)
-        check_positive_int("train_per_cell", train_per_cell)
-        check_positive_int("kmeans_iterations", kmeans_iterations)
-        check_non_negative_int("seed", seed)
-        self.nlist, self.nprobe = nlist, nprobe
-        self.train_per_cell, self.kmeans_iterations, self.seed = train_per_cell, kmeans_iterations, seed
-
-    def cells(self, num_rows: int) -> int:
-        """The number of cells used for ``num_rows`` rows: ``nlist``, or the power of two nearest
-        ``4 sqrt(N)``; at most ``N / 39`` (faiss's minimum of 39 training rows per cell)."""
-        wanted = self.nlist or 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_rows))))
-        return max(1, min(wanted, num_rows // 39))
-
-
-class FaissIVFSearch(_InvertedFile, _FaissSearch):
+class FaissIVFSearch(_FaissSearch):
     r"""Approximate search with an inverted file (``faiss.IndexIVFFlat``, inner product).
 
     k-means splits the rows into ``nlist`` cells; each query scans the ``nprobe`` cells whose
@@ -319,7 +297,18 @@ class FaissIVFSearch(_InvertedFile, _FaissSearch):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self._set_cells(nlist, nprobe, train_per_cell, kmeans_iterations, seed)
+        if nlist is not None:
+            check_positive_int("nlist", nlist)
+        check_positive_int("nprobe", nprobe)
+        check_positive_int("train_per_cell", train_per_cell)
+        check_positive_int("kmeans_iterations", kmeans_iterations)
+        self.nlist, self.nprobe = nlist, nprobe
+        self.train_per_cell, self.kmeans_iterations, self.seed = train_per_cell, kmeans_iterations, seed
+
+    def cells(self, num_entries: int) -> int:
+        """The number of cells used for ``num_entries`` rows."""
+        wanted = self.nlist or 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_entries))))
+        return max(1, min(wanted, num_entries // 39))
 
     def _index_and_search(self, faiss, data: np.ndarray, k: int):
         n, dim = data.shape
@@ -390,7 +379,7 @@ class FaissHNSWSearch(_FaissSearch):
 _BLOCK_ROWS = 65536  # rows per product against the centroids: a (65,536, nlist) block of similarities
 
 
-class IVFSearch(_InvertedFile, NeighbourSearch):
+class IVFSearch(NeighbourSearch):
     r"""Approximate search by an inverted file, run as a self-join: one matrix product per cell.
 
     Spherical k-means splits the rows into ``nlist`` cells; every row is a member of the cell whose
@@ -424,7 +413,19 @@ class IVFSearch(_InvertedFile, NeighbourSearch):
         kmeans_iterations: int = 5,
         seed: int = 0,
     ) -> None:
-        self._set_cells(nlist, nprobe, train_per_cell, kmeans_iterations, seed)
+        if nlist is not None:
+            check_positive_int("nlist", nlist)
+        check_positive_int("nprobe", nprobe)
+        check_positive_int("train_per_cell", train_per_cell)
+        check_positive_int("kmeans_iterations", kmeans_iterations)
+        check_non_negative_int("seed", seed)
+        self.nlist, self.nprobe = nlist, nprobe
+        self.train_per_cell, self.kmeans_iterations, self.seed = train_per_cell, kmeans_iterations, seed
+
+    def cells(self, num_rows: int) -> int:
+        """The number of cells used for ``num_rows`` rows."""
+        wanted = self.nlist or 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_rows))))
+        return max(1, min(wanted, num_rows // 39))
 
     def _search(self, x: torch.Tensor, k: int, groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         n, nlist = x.shape[0], self.cells(x.shape[0])
