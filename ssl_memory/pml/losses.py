@@ -68,12 +68,12 @@ class _CoreLoss(BaseMetricLossFunction):
         return self.reducer(loss_dict, embeddings, labels)
 
     def _check_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
-        """Raise for arguments this loss does not take."""
-        raise NotImplementedError
+        """Raise for arguments this loss does not take (neither takes an ``indices_tuple``)."""
+        c_f.indices_tuple_not_supported(indices_tuple)
 
     def _refuse(self, error: Exception) -> None:
-        """Raise ``error`` through the core loss: on every rank together under ``torch.distributed``."""
-        raise NotImplementedError
+        """Raise ``error`` through the core loss's verdict: on every rank together under ``torch.distributed``."""
+        self.criterion.terms(None, None, error=error)
 
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
@@ -151,12 +151,9 @@ class PMLMemoryBankLoss(_CoreLoss):
         return ["discrimination", "consistency"]
 
     def _check_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
-        c_f.indices_tuple_not_supported(indices_tuple)
+        super()._check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         c_f.labels_required(labels)
-
-    def _refuse(self, error: Exception) -> None:
-        self.criterion.terms(None, None, error=error)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         terms = self.criterion.terms(embeddings, labels)
@@ -226,14 +223,11 @@ class PMLQueueLoss(_CoreLoss):
         return ["contrastive"]
 
     def _check_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
-        c_f.indices_tuple_not_supported(indices_tuple)
+        super()._check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if ref_emb is embeddings:
             raise ValueError("PMLQueueLoss needs the keys as ref_emb: loss_fn(queries, labels, ref_emb=keys)")
         if ref_labels is not None and (labels is None or not torch.equal(ref_labels, labels)):
             raise ValueError("ref_labels must be None or equal to labels: a key shares its query's sample id")
-
-    def _refuse(self, error: Exception) -> None:
-        self.criterion.terms(None, None, error=error)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self._record(queue_fill=len(self.queue))
