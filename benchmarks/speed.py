@@ -14,7 +14,9 @@ Cases:
                         mixes and 512 query mixes (i.i.d. draws) materialised, normalised and appended
     bank                ssl_memory.MemoryBankLoss, one view (NPID)
     bank+views          MemoryBankLoss, B/4 samples x 4 views, pairwise consistency, 10% of entries merged
+    bank+views-nosync   the same with checks=False: no host read, so the views' layout is not known
     cross-batch         ssl_memory.CrossBatchLoss (XBM), B/4 classes x 4
+    cross-batch-nosync  the same with checks=False: no host read, so the pairs are not listed
     ours-cbm-moco       ssl_memory.pml.CrossBatchMemory(NTXentLoss(0.07)) in PML's MoCo recipe (enqueue_mask)
     pml-cbm-moco        PML's losses.CrossBatchMemory, same recipe
     ours-cbm-xbm        ssl_memory.pml.CrossBatchMemory(ContrastiveLoss(1, 0.5)), B/4 classes x 4
@@ -66,7 +68,9 @@ CASES = (
     "plain-mochi",
     "bank",
     "bank+views",
+    "bank+views-nosync",
     "cross-batch",
+    "cross-batch-nosync",
     "ours-cbm-moco",
     "pml-cbm-moco",
     "ours-cbm-xbm",
@@ -158,10 +162,11 @@ def build_step(case: str, size: int, batch: int, dim: int, device: str) -> Calla
         filled(criterion.queue, lambda m, rows, start: m.enqueue(rows, torch.arange(rows.shape[0]) + start + size))
         return lambda: backward(criterion(embeddings, keys))
 
-    if case in ("bank", "bank+views"):
-        views = case == "bank+views"
+    checks = not case.endswith("-nosync")
+    if case in ("bank", "bank+views", "bank+views-nosync"):
+        views = case.startswith("bank+views")
         criterion = ssl_memory.MemoryBankLoss(
-            size, dim, temperature=TEMPERATURE, consistency_weight=1.0 if views else 0.0
+            size, dim, temperature=TEMPERATURE, consistency_weight=1.0 if views else 0.0, checks=checks
         ).to(device)
         if views:  # 10% of the entries merged, in pairs named after their smaller member
             pairs = torch.randperm(size, generator=gen)[: size // 20 * 2].view(-1, 2)
@@ -174,8 +179,8 @@ def build_step(case: str, size: int, batch: int, dim: int, device: str) -> Calla
             indices = torch.randperm(size, generator=gen)[:batch].to(device)
         return lambda: backward(criterion(embeddings, indices))
 
-    if case == "cross-batch":
-        criterion = ssl_memory.CrossBatchLoss(size, dim).to(device)
+    if case.startswith("cross-batch"):
+        criterion = ssl_memory.CrossBatchLoss(size, dim, checks=checks).to(device)
         filled(criterion.queue, lambda m, rows, start: m.enqueue(rows, (torch.arange(rows.shape[0]) + start) % 1000))
         return lambda: backward(criterion(embeddings, class_labels))
 

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssl_memory import ConsistencyLoss
+from ssl_memory.losses.consistency import consistency_from_log_probs, view_layout
 
 
 def reference_consistency(logits, indices, temperature, mode):
@@ -23,15 +24,22 @@ def reference_consistency(logits, indices, temperature, mode):
     return torch.stack(per_sample).mean()
 
 
+def with_layout(logits, indices, temperature, mode):
+    """The path MemoryBankLoss takes when its checks have read the views' layout on the host."""
+    log_probs = torch.log_softmax(logits / temperature, dim=1)
+    return consistency_from_log_probs(log_probs, indices, mode, view_layout(indices).tolist())
+
+
 def compare(logits, indices, temperature, mode):
-    ours_in = logits.clone().requires_grad_()
     ref_in = logits.clone().requires_grad_()
-    ours = ConsistencyLoss(temperature, mode)(ours_in, indices)
     ref = reference_consistency(ref_in, indices, temperature, mode)
-    ours.backward()
     ref.backward()
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours_in.grad, ref_in.grad, atol=1e-5, rtol=1e-5)
+    for loss in (ConsistencyLoss(temperature, mode), lambda x, i: with_layout(x, i, temperature, mode)):
+        ours_in = logits.clone().requires_grad_()
+        ours = loss(ours_in, indices)
+        ours.backward()
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_in.grad, ref_in.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["pairwise", "mean"])
@@ -73,9 +81,11 @@ def test_identical_views_give_zero():
 
 
 @pytest.mark.parametrize("mode", ["pairwise", "mean"])
-def test_single_views_only_give_a_connected_zero(mode):
+@pytest.mark.parametrize("layout", [False, True])
+def test_single_views_only_give_a_connected_zero(mode, layout):
     logits = torch.randn(4, 10, requires_grad=True)
-    loss = ConsistencyLoss(mode=mode)(logits, torch.tensor([3, 1, 2, 0]))
+    indices = torch.tensor([3, 1, 2, 0])
+    loss = with_layout(logits, indices, 1.0, mode) if layout else ConsistencyLoss(mode=mode)(logits, indices)
     assert float(loss.detach()) == 0.0 and loss.grad_fn is not None
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros(4, 10))
@@ -120,7 +130,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize(
     "indices",
     [
-        torch.tensor([7, 2, 9, 7, 2, 9, 7, 2, 9]),  # view-major, as MultiAugCollate returns (reshape path)
+        torch.tensor([7, 2, 9, 7, 2, 9, 7, 2, 9]),  # view-major, as MultiAugCollate returns (reshape path with a layout)
         torch.tensor([7, 7, 7, 2, 2, 2, 9, 9, 9]),  # sample-major: same samples, general path
         torch.tensor([2, 7, 9, 7, 2, 9, 9, 7, 2]),  # blocks in different orders: general path
     ],
@@ -128,6 +138,17 @@ def test_bad_inputs():
 def test_every_row_layout_matches_definition(indices, mode):
     logits = torch.randn(len(indices), 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     compare(logits, indices, 0.5, mode)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "mean"])
+def test_float64_stays_float64_on_both_paths(mode):
+    # a tolerance of 1e-5 would not see a float32 weight in a float64 loss: compare the two paths at 1e-12
+    indices = torch.tensor([5, 3, 9]).repeat(4)
+    log_probs = torch.log_softmax(torch.randn(12, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), 1)
+    listed = consistency_from_log_probs(log_probs, indices, mode, view_layout(indices).tolist())
+    unlisted = consistency_from_log_probs(log_probs, indices, mode)
+    assert listed.dtype == unlisted.dtype == torch.float64
+    torch.testing.assert_close(listed, unlisted, atol=1e-12, rtol=1e-12)
 
 
 def test_double_backward_is_refused_not_wrong():

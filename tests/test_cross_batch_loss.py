@@ -27,9 +27,11 @@ def xbm_contrastive(anchors, anchor_labels, references, reference_labels, margin
 # margin -1: every negative counts, and the pairs are read from the dense product; 0.8: a few, computed row by row
 @pytest.mark.parametrize("margin", [-1.0, 0.1, 0.8])
 @pytest.mark.parametrize("start_step", [0, 2])
-def test_matches_reference_over_steps(start_step, margin):
+@pytest.mark.parametrize("checks", [True, False])  # pairs listed after the step's read; unlisted without a read
+def test_matches_reference_over_steps(start_step, margin, checks):
     size, dim, weight = 7, 4, 0.5
-    criterion = CrossBatchLoss(size, dim, margin=margin, memory_weight=weight, start_step=start_step).double()
+    criterion = CrossBatchLoss(size, dim, margin=margin, memory_weight=weight, start_step=start_step, checks=checks)
+    criterion = criterion.double()
     memory = deque(maxlen=size)
     gen = torch.Generator().manual_seed(0)
     for step in range(6):

@@ -50,15 +50,22 @@ def make(n=12, dim=6, dtype=torch.float64, seed=0, **kwargs):
 
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("consistency_weight", [0.0, 0.7])
-def test_loss_gradient_and_update_match_reference(merged, consistency_weight):
+@pytest.mark.parametrize("checks", [True, False])  # the views' layout read with the checks, or no read
+@pytest.mark.parametrize(
+    "indices",
+    [
+        [2, 1, 4, 2, 1, 2, 9, 2],  # sample 2 (group of 3) has 4 views, 1 (group of 2) has 2, 4 and 9 one each
+        [2, 1, 4, 2, 1, 4, 2, 1, 4],  # view-major, 3 views each, as MultiAugCollate returns
+    ],
+)
+def test_loss_gradient_and_update_match_reference(merged, consistency_weight, checks, indices):
     temperature, momentum = 0.3, 0.5
-    criterion = make(temperature=temperature, consistency_weight=consistency_weight)
+    criterion = make(temperature=temperature, consistency_weight=consistency_weight, checks=checks)
     if merged:
         criterion.memory.groups.copy_(planted_groups(12))
     gen = torch.Generator().manual_seed(1)
-    # sample 2 (group of 3) has 4 views, 1 (group of 2) has 2, 4 and 9 one each
-    indices = torch.tensor([2, 1, 4, 2, 1, 2, 9, 2])
-    embeddings = torch.randn(8, 6, generator=gen, dtype=torch.float64) * 2
+    indices = torch.tensor(indices)
+    embeddings = torch.randn(len(indices), 6, generator=gen, dtype=torch.float64) * 2
     bank_before, groups = criterion.memory.features.clone(), criterion.memory.groups.clone()
 
     x = embeddings.clone().requires_grad_()

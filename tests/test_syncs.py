@@ -1,9 +1,9 @@
 """Host syncs per steady-state training step, counted with a dispatch mode (see tests/sync_counter.py).
 
-README states these counts: with ``checks=False`` a step never waits for the device, except where
-the output's shape depends on the data (the views' layout for the consistency term, XBM's pair
-lists); default checks add one read of their flags, merged with those. Under torch.distributed the
-one read also carries every rank's row count and verdict, so a step reads the device once.
+README states these counts: with ``checks=False`` a step in one process never waits for the device;
+default checks read their flags once, and the shapes the data decides (the views' layout, XBM's pair
+counts) ride in that read. Under torch.distributed the one read also carries every rank's row count and
+verdict, so a step reads the device once, checks or not.
 """
 
 import pytest
@@ -18,10 +18,10 @@ BATCH, DIM, SIZE = 16, 8, 64
 # syncs per step: (checks=True, checks=False), one process
 EXPECTED = {
     "bank": (1, 0),
-    "bank+views": (1, 1),
+    "bank+views": (1, 0),
     "queue": (1, 0),
     "queue+mixer": (1, 0),
-    "cross-batch": (1, 1),
+    "cross-batch": (1, 0),
 }
 
 

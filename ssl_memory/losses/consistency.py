@@ -38,14 +38,18 @@ def view_layout(indices: torch.Tensor) -> torch.Tensor:
     return torch.stack([samples, (views > 1).any(), ((views > 1) | ~used).all(), view_major]).long()
 
 
-def _group_views(indices: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample slot of each row (its rank among the sorted distinct ids), views per sample, rows with company."""
+def _sample_slots(indices: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's sample slot (its rank among the sorted distinct ids) and the views per slot, on the device.
+
+    ``num_slots`` is any bound on the number of distinct ids known on the host (the row count will
+    do): slots past the last sample stay empty, so nothing here waits for the device.
+    """
     ordered, order = torch.sort(indices)
     starts = torch.ones_like(ordered)
     starts[1:] = ordered[1:] != ordered[:-1]
     slot = torch.empty_like(order).index_copy_(0, order, starts.cumsum(0) - 1)
-    views = torch.zeros(samples, dtype=torch.long, device=indices.device).index_add_(0, slot, torch.ones_like(slot))
-    return slot, views, views[slot] > 1
+    views = torch.zeros(num_slots, dtype=torch.long, device=indices.device).index_add_(0, slot, torch.ones_like(slot))
+    return slot, views
 
 
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,45 +62,35 @@ def consistency_from_log_probs(
 ) -> torch.Tensor:
     """The consistency loss of rows whose log-distributions are given (shared with MemoryBankLoss).
 
-    Works on per-sample sums only (index_add over rows), so memory grows with (R + 2S) x N, never
-    with the number of view pairs. ``layout`` is :func:`view_layout` read on the host; without it,
-    it is read here (one device sync).
+    Works on per-sample sums only, so memory grows with (R + 2S) x N (S sample slots), never with the
+    number of view pairs. ``layout`` is :func:`view_layout` read on the host by a caller that reads the device anyway:
+    a view-major batch then sums its views with a reshape. Without it nothing is read: sums go
+    through ``index_add_`` into R slots, and samples with a single view get weight 0.
     """
-    if layout is None:
-        layout = view_layout(indices).tolist()
-    samples, any_multi, all_multi, view_major = layout
-    if not any_multi:
-        return log_probs.reshape(-1)[:0].sum()  # a zero that stays attached to the graph
-    slot, views, multi = _group_views(indices, samples)
-    blocks = indices.numel() // samples if view_major else 0
-    if not all_multi:  # some samples have a single view: drop their rows (this rare path reads the device)
-        log_probs, slot, indices = log_probs[multi], slot[multi], indices[multi]
-        kept, slot = slot.unique(return_inverse=True)
-        views = views[kept]
-        blocks = _blocks(indices, views.numel())
-    v = views.to(log_probs.dtype)
+    rows = indices.numel()
+    if layout is not None and not layout[1]:
+        return log_probs.reshape(-1)[:0].sum()  # no sample has two views: a zero attached to the graph
+    if layout is not None and layout[2] and layout[3]:  # every sample has V views, in V blocks
+        num_samples, blocks = layout[0], rows // layout[0]
+        samples = _SampleRows(None, num_samples, blocks)
+        v = log_probs.new_full((num_samples,), float(blocks))
+        weights = v.new_full((num_samples,), 1.0 / num_samples)
+    else:
+        slot, views = _sample_slots(indices, layout[0] if layout is not None else rows)
+        samples = _SampleRows(slot, views.numel(), 0)
+        v = views.to(log_probs.dtype)
+        counted = views > 1
+        weights = counted.to(v.dtype) / counted.sum().clamp(min=1)  # the mean over samples with 2+ views
     if mode == "pairwise":
-        samples = _SampleRows(slot, views.numel(), blocks)
-        if samples.blocks:  # the blocks list samples in batch order, not in sorted order
-            v = v.new_full((views.numel(),), float(samples.blocks))
-        return _PairwiseConsistency.apply(log_probs, samples, v)
-    num_samples, num_entries = views.numel(), log_probs.shape[1]
-    probs = log_probs.detach().exp()
-    prob_sums = log_probs.new_zeros(num_samples, num_entries).index_add_(0, slot, probs)
-    log_sums = log_probs.new_zeros(num_samples, num_entries).index_add_(0, slot, log_probs)
+        weights = weights / (v * (v - 1)).clamp(min=1)
+        return _PairwiseConsistency.apply(log_probs, samples, v, weights)
+    prob_sums = samples.sum(log_probs.detach().exp())
+    log_sums = samples.sum(log_probs)
     # mean_v KL(Pbar || P_v) = <Pbar, log Pbar> - <Pbar, sum_v log P_v> / V, Pbar held fixed
+    v = v.clamp(min=1)
     mean_probs = prob_sums / v.unsqueeze(1)
     per_sample = torch.special.xlogy(mean_probs, mean_probs).sum(1) - _rowwise_dot(prob_sums, log_sums) / (v * v)
-    return per_sample.mean()
-
-
-def _blocks(indices: torch.Tensor, num_samples: int) -> int:
-    """V when ``indices`` are V blocks of the same samples in the same order, else 0 (reads the device)."""
-    rows = indices.shape[0]
-    if rows % num_samples:
-        return 0
-    blocks = indices.view(rows // num_samples, num_samples)
-    return blocks.shape[0] if bool((blocks == blocks[:1]).all()) else 0
+    return (weights * per_sample).sum()
 
 
 class _SampleRows:
@@ -107,7 +101,7 @@ class _SampleRows:
     several times faster on CPU than ``index_add_`` and a row gather, which any other layout uses.
     """
 
-    def __init__(self, slot: torch.Tensor, num_samples: int, blocks: int) -> None:
+    def __init__(self, slot: torch.Tensor | None, num_samples: int, blocks: int) -> None:
         self.slot, self.num_samples, self.blocks = slot, num_samples, blocks
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +124,7 @@ class _SampleRows:
 
 
 class _PairwiseConsistency(torch.autograd.Function):
-    r"""Mean over samples of :math:`\frac{1}{V(V-1)}\sum_{k \ne j} \mathrm{KL}(P_k \| P_j)`, from log-probabilities.
+    r"""Weighted sum over samples of :math:`\sum_{k \ne j} \mathrm{KL}(P_k \| P_j)`, from log-probabilities.
 
     With :math:`A_s = \sum_j \log P_j` and :math:`Q_s = \sum_j P_j` over the sample's views, the
     per-sample sum is :math:`V \sum_k \langle P_k, \log P_k\rangle - \langle Q_s, A_s \rangle` and its
@@ -141,14 +135,16 @@ class _PairwiseConsistency(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, log_probs: torch.Tensor, samples: _SampleRows, views: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, log_probs: torch.Tensor, samples: _SampleRows, views: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         probs = log_probs.exp()
         prob_sums, log_sums = samples.sum(probs), samples.sum(log_probs)
         self_terms = samples.sum(_rowwise_dot(probs, log_probs))
-        per_sample = (views * self_terms - _rowwise_dot(prob_sums, log_sums)) / (views * (views - 1))
+        per_sample = views * self_terms - _rowwise_dot(prob_sums, log_sums)
         ctx.samples = samples
-        ctx.save_for_backward(log_probs, probs, log_sums, prob_sums, views)
-        return per_sample.mean()
+        ctx.save_for_backward(log_probs, probs, log_sums, prob_sums, views, weights)
+        return (weights * per_sample).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -157,11 +153,10 @@ class _PairwiseConsistency(torch.autograd.Function):
                 "ConsistencyLoss(mode='pairwise') is first-order only: its hand-written backward cannot be "
                 "differentiated again (create_graph=True); use mode='mean' for double backward"
             )
-        log_probs, probs, log_sums, prob_sums, views = ctx.saved_tensors
+        log_probs, probs, log_sums, prob_sums, views, weights = ctx.saved_tensors
         samples = ctx.samples
-        scale = grad / (views * (views - 1) * views.numel())
         grad_log_probs = samples.sub_((log_probs + 1).mul_(samples.spread(views)), log_sums).mul_(probs)
-        return samples.sub_(grad_log_probs, prob_sums).mul_(samples.spread(scale)), None, None
+        return samples.sub_(grad_log_probs, prob_sums).mul_(samples.spread(grad * weights)), None, None, None
 
 
 class ConsistencyLoss(nn.Module):

@@ -149,6 +149,31 @@ def xbm_contrastive(
     return pairs.loss(query, labels, pairs.counts.tolist())
 
 
+def xbm_contrastive_unlisted(
+    query: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, ref_labels: torch.Tensor, margin: float
+) -> torch.Tensor:
+    r""":func:`xbm_contrastive` without listing the pairs, so that nothing waits for the device.
+
+    The loss is linear in the similarities it keeps: with :math:`w_{bj} = -1` for a positive below
+    :math:`1 - 10^{-5}`, :math:`+1` for a negative above the margin and 0 otherwise (chosen without
+    gradient), :math:`\ell_b = \#\{j: w_{bj} = -1\} + q_b \cdot \sum_j w_{bj} r_j`, differentiable in
+    both. That costs one more (B, R) @ (R, D) product where the pair lists cost a host read of their
+    sizes; ``benchmarks/speed.py`` times both (``cross-batch`` and ``cross-batch-nosync``).
+
+    Shape:
+        - query: (B, D) unit rows; labels: (B,); reference: (R, D) unit rows; ref_labels: (R,)
+        - output: (B,)
+    """
+    with torch.no_grad():
+        similarity = query @ reference.T
+        same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+        weights = torch.where(
+            same, torch.where(similarity < _SELF_SIMILARITY, -1.0, 0.0), torch.where(similarity > margin, 1.0, 0.0)
+        ).to(similarity.dtype)
+    # differentiable in the reference too (the batch term's references are the batch)
+    return (weights < 0).sum(1) + torch.linalg.vecdot(query, weights @ reference)
+
+
 class CrossBatchLoss(CheckedLoad):
     r"""Cross-batch memory (XBM, Wang et al., 2020): a contrastive loss whose pairs also reach past batches.
 
@@ -182,8 +207,10 @@ class CrossBatchLoss(CheckedLoad):
         margin: similarity above which a negative pair is penalised.
         memory_weight: :math:`w \ge 0`.
         start_step: number of calls (with ``update_memory=True``) before the memory is used and filled.
-        checks: check that the embeddings are finite, which costs one device sync a step; ``False``
-            keeps only the checks of shapes, dtypes and devices.
+        checks: check that the embeddings are finite, which costs one device sync a step (that read
+            also sizes the lists of pairs); ``False`` keeps only the checks of shapes, dtypes and
+            devices, and the step never waits for the device: the loss is then computed without
+            listing pairs (:func:`xbm_contrastive_unlisted`, one more (B, R) @ (R, D) product).
 
     Bad input (shapes, NaN, an empty batch) raises before anything is written; under
     ``torch.distributed`` every rank raises the same :class:`~ssl_memory.distributed.DistributedInputError`
@@ -252,23 +279,29 @@ class CrossBatchLoss(CheckedLoad):
             if error is None:
                 labels = labels.long()
                 unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
-                sets = [_XbmPairs(unit, labels, unit, labels, self.margin)]
-                if with_memory:
-                    rows = queue.snapshot(unit.dtype)  # the batch is enqueued before the backward
-                    sets.append(_XbmPairs(unit, labels, rows, queue.labels, self.margin))
+                references = [(unit, labels)]
+                if with_memory:  # a copy: the batch is enqueued before the backward
+                    references.append((queue.snapshot(unit.dtype), queue.labels))
+                # with checks the step reads the device anyway, and the pair counts ride along
+                sets = [_XbmPairs(unit, labels, *ref, self.margin) for ref in references] if self.checks else []
                 flags = value_flags(embeddings) if self.checks else unit.new_zeros(0, dtype=torch.long)
                 values = torch.cat([flags, *(pairs.counts for pairs in sets)])
             else:
-                values = torch.zeros(num_flags + 2 + 2 * with_memory, dtype=torch.long, device=queue.slots.device)
-            # the step's one device read: the value checks and the pair counts that size the lists, shared
-            # by the ranks (with their row counts and verdicts) when the step is counted
+                values = torch.zeros(num_flags * (3 + 2 * with_memory), dtype=torch.long, device=queue.slots.device)
+            # the step's one device read (none without checks in one process): the value checks and the
+            # pair counts that size the lists, shared by the ranks (with their row counts and verdicts)
+            # when the step is counted
             read, counts = share_reads(
                 values, embeddings.shape[0] if error is None else 0, error,
                 lambda read: raise_for_values("embeddings", read[:num_flags]), collective=update_memory,
             )
-            pair_counts = read[num_flags:]
-            batch = sets[0].loss(unit, labels, pair_counts[:2])
-            memory = sets[1].loss(unit, labels, pair_counts[2:]) if with_memory else torch.zeros_like(batch)
+            if self.checks:
+                counted = read[num_flags:]
+                per_reference = [pairs.loss(unit, labels, counted[2 * k : 2 * k + 2]) for k, pairs in enumerate(sets)]
+            else:
+                per_reference = [xbm_contrastive_unlisted(unit, labels, *ref, self.margin) for ref in references]
+            batch = per_reference[0]
+            memory = per_reference[1] if with_memory else torch.zeros_like(batch)
         if update_memory:
             self._write(unit.detach(), labels, memory_on, counts)
         return {"batch": batch, "memory": memory}

@@ -170,8 +170,9 @@ class MemoryBankLoss(CheckedLoad):
         memory = self.memory
         error = error or first_failure(lambda: self._check(embeddings, indices, values=False))
         # the step's one device read, shared by the ranks when the memory is written: the value
-        # checks, the views' layout, and every rank's row count and verdict
-        num_flags, num_layout = 3 * self.checks, 4 * (self.consistency_weight > 0)
+        # checks, the views' layout (which the checks' read carries for free; without it the
+        # consistency term runs its slower layout-free path) and every rank's row count and verdict
+        num_flags, num_layout = 3 * self.checks, 4 * (self.checks and self.consistency_weight > 0)
         if error is None:
             flags = value_flags(embeddings, indices=indices) if self.checks else indices.new_zeros(0, dtype=torch.long)
             layout = view_layout(indices) if num_layout else flags[:0]
@@ -186,7 +187,7 @@ class MemoryBankLoss(CheckedLoad):
             collective=update_memory,
             agreed=self._counters(),
         )
-        layout = read[num_flags:]
+        layout = read[num_flags:] if num_layout else None
         indices = indices.long()
         with torch.autocast(embeddings.device.type, enabled=False):
             unit = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=1)
