@@ -177,7 +177,8 @@ class HardNegativeMixer(nn.Module):
 
         so gradients reach ``query`` through ``logits`` and equal the (fixed) mixes, exactly as
         ``query @ h`` would. The :math:`n_i \cdot n_j` come from each query's (r, r) Gram matrix of
-        its drawn subset (see the class), so no (B, S, D) tensor is built.
+        its drawn subset (see the class), so no (B, S, D) tensor is built. It is :meth:`plan`, then
+        :meth:`mixed_logits` on the columns of ``logits`` the plan names.
 
         Args:
             query: (B, D), any scale (a query already divided by a temperature is fine).
@@ -188,25 +189,48 @@ class HardNegativeMixer(nn.Module):
         Shape:
             - output: (B, num_mix + num_query_mix); ``-inf`` for a query without any negative.
         """
+        plan = self.plan(query, negatives, logits)
+        read = logits.gather(1, plan["columns"]) if plan is not None else None
+        return self.mixed_logits(query, read, plan)
+
+    @torch.no_grad()
+    def plan(self, query: torch.Tensor, negatives: torch.Tensor, logits: torch.Tensor) -> dict | None:
+        """The draws of :meth:`similarities` and what they need besides the logits; None when nothing is mixed.
+
+        ``plan["columns"]`` (B, r + num_query_mix) are the entries of each query's logits the mixes
+        read: a caller that reads them itself (``QueueLoss`` does, fused with its log-sum-exp, so that
+        the backward writes the (B, M) gradient once) passes them to :meth:`mixed_logits`.
+        """
         plan = self._draw(query, negatives, logits)
-        dtype = torch.promote_types(query.dtype, torch.float32)
         if plan is None:
-            return logits.new_full((query.shape[0], self.num_mix + self.num_query_mix), float("-inf"))
-        subset, p, q = plan["subset"], plan["p"], plan["q"]
+            return None
+        subset, a = plan["subset"], plan["a"]
+        rows = negatives[subset].to(torch.promote_types(query.dtype, torch.float32))  # (B, r, D)
+        gram = torch.bmm(rows, rows.transpose(1, 2)).flatten(1)
+        cosine = gram.gather(1, plan["p"] * subset.shape[1] + plan["q"])
+        plan["pair_norm"] = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * cosine).clamp_min(1e-12).sqrt()
+        plan["columns"] = torch.cat([subset, plan["m"]], dim=1)
+        return plan
+
+    def mixed_logits(self, query: torch.Tensor, read: torch.Tensor | None, plan: dict | None) -> torch.Tensor:
+        """The mixes' logits from ``read = logits.gather(1, plan["columns"])``, differentiable in both inputs.
+
+        Shape:
+            - query: (B, D); read: (B, r + num_query_mix)
+            - output: (B, num_mix + num_query_mix); ``-inf`` for a query without any negative (all of
+              them when ``plan`` is None)
+        """
+        if plan is None:
+            return query.new_full((query.shape[0], self.num_mix + self.num_query_mix), float("-inf"))
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        subset, p, q, a, b = plan["subset"], plan["p"], plan["q"], plan["a"], plan["b"]
+        held, mixed_in = read[:, : subset.shape[1]], read[:, subset.shape[1] :]
         with torch.no_grad():
             scale = query.detach().to(dtype).norm(dim=1, keepdim=True)
             unit = query.detach().to(dtype) / scale
-            a, b = plan["a"], plan["b"]
-            rows = negatives[subset].to(dtype)  # (B, r, D)
-            gram = torch.bmm(rows, rows.transpose(1, 2)).flatten(1)
-            cosine = gram.gather(1, p * subset.shape[1] + q)
-            pair_norm = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * cosine).clamp_min(1e-12).sqrt()
-            query_cosine = logits.detach().gather(1, plan["m"]) / scale
+            query_cosine = mixed_in.detach() / scale
             query_norm = (b * b + (1 - b) ** 2 + 2 * b * (1 - b) * query_cosine).clamp_min(1e-12).sqrt()
-        # one gather for both kinds: each gather's backward writes a whole (B, M) gradient
-        read = logits.gather(1, torch.cat([subset, plan["m"]], dim=1))
-        held, mixed_in = read[:, : subset.shape[1]], read[:, subset.shape[1] :]
-        pair = (a * held.gather(1, p) + (1 - a) * held.gather(1, q)) / pair_norm
+        pair = (a * held.gather(1, p) + (1 - a) * held.gather(1, q)) / plan["pair_norm"]
         self_similarity = torch.linalg.vecdot(query.to(dtype), unit, dim=1).unsqueeze(1)  # = |query|, grad unit
         with_query = (b * self_similarity + (1 - b) * mixed_in) / query_norm
         mixed = torch.cat([pair, with_query], dim=1)

@@ -111,8 +111,11 @@ def test_empty_queue_masks_duplicates_of_the_same_sample_in_the_batch():
 
 
 def test_single_query_on_empty_queue_is_zero_not_nan():
-    loss = QueueLoss(4, 3)(torch.randn(1, 3, requires_grad=True), torch.randn(1, 3))
+    query = torch.randn(1, 3, requires_grad=True)
+    loss = QueueLoss(4, 3)(query, torch.randn(1, 3))
     assert float(loss.detach()) == 0.0
+    loss.backward()  # its only negative is masked: the log-sum-exp of nothing must not turn the gradient NaN
+    assert torch.equal(query.grad, torch.zeros(1, 3))
 
 
 def test_mixer_negatives_are_appended_to_each_querys_logits():
@@ -141,9 +144,37 @@ def test_mixer_with_query_whose_negatives_are_all_masked_ignores_its_mixes():
     criterion = QueueLoss(8, 3, 0.5, mixer=HardNegativeMixer(4, 2, 2)).double()
     criterion.queue.enqueue(F.normalize(torch.randn(2, 3, dtype=torch.float64), dim=1), torch.tensor([5, 5]))
     q, k = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    ours = criterion.terms(q, k, torch.tensor([5, 6]))["contrastive"]
+    x = q.clone().requires_grad_()
+    ours = criterion.terms(x, k, torch.tensor([5, 6]))["contrastive"]
     assert float(ours[0]) == 0.0  # nothing but its positive
     assert torch.isfinite(ours).all() and ours[1] > 0
+    ours.sum().backward()
+    assert torch.equal(x.grad[0], torch.zeros(3)) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("with_mixer", [False, True])
+def test_double_backward_matches_plain_autograd(with_mixer):
+    # a gradient penalty differentiates the loss's backward: the fused log-sum-exp must have its own derivative
+    dim, temperature = 5, 0.3
+    gen = torch.Generator().manual_seed(6)
+    mixer = HardNegativeMixer(6, 4, 3, generator=torch.Generator().manual_seed(1)) if with_mixer else None
+    criterion = QueueLoss(16, dim, temperature, mixer=mixer).double()
+    stored = F.normalize(torch.randn(12, dim, generator=gen, dtype=torch.float64), dim=1)
+    criterion.queue.enqueue(stored, torch.arange(12))
+    q = torch.randn(3, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(3, dim, generator=gen, dtype=torch.float64)
+    x, y = q.clone().requires_grad_(), q.clone().requires_grad_()
+    ours = criterion.terms(x, k, update_memory=False)["contrastive"].sum()
+    (grad,) = torch.autograd.grad(ours, x, create_graph=True)
+    grad.square().sum().backward()
+    mixes = None
+    if with_mixer:
+        mixes = HardNegativeMixer(6, 4, 3, generator=torch.Generator().manual_seed(1))(F.normalize(q, dim=1), stored)
+    expected = moco_loss(y, k, stored.T, temperature, extra_negatives=mixes).sum()
+    (expected_grad,) = torch.autograd.grad(expected, y, create_graph=True)
+    expected_grad.square().sum().backward()
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 @pytest.mark.parametrize(
@@ -180,3 +211,21 @@ def test_bad_inputs_raise_and_leave_queue_untouched(query, key, indices, error, 
 def test_bad_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         QueueLoss(**kwargs)
+
+
+def test_fused_log_sum_exp_and_read_match_autograd_and_stay_finite_on_an_empty_row():
+    from ssl_memory.losses.queue import _LogSumExpAndRead
+
+    logits = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    logits[1] = float("-inf")  # a row with no entry at all
+    columns = torch.tensor([[0, 3, 3], [1, 2, 6], [6, 5, 0]])
+    weights = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    log_sum, read = _LogSumExpAndRead.apply(x, columns)
+    (torch.cat([log_sum, read], 1).nan_to_num(neginf=0.0) * weights).sum().backward()
+    expected = torch.cat([torch.logsumexp(y, 1, keepdim=True), y.gather(1, columns)], 1)
+    (expected.nan_to_num(neginf=0.0) * weights).sum().backward()
+    torch.testing.assert_close(log_sum, expected[:, :1])
+    torch.testing.assert_close(read, expected[:, 1:])
+    torch.testing.assert_close(x.grad[[0, 2]], y.grad[[0, 2]])
+    assert torch.equal(x.grad[1], torch.zeros(7))  # autograd's own gradient there is NaN

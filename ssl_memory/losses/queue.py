@@ -59,7 +59,8 @@ class QueueLoss(CheckedLoad):
         size: queue capacity M.
         dim: embedding width D.
         temperature: :math:`\tau` (0.07 in MoCo v1, 0.2 in v2).
-        mixer: optional :class:`~ssl_memory.HardNegativeMixer` (or any object with its ``similarities``).
+        mixer: optional :class:`~ssl_memory.HardNegativeMixer` (or any object with its ``plan`` and
+            ``mixed_logits``).
         checks: check the values of each batch (NaN, negative indices), which costs one device sync a
             step (the host must read the verdict); ``False`` keeps only the checks of shapes, dtypes and
             devices, so a step never waits for the device, and a NaN then reaches the loss and the queue.
@@ -85,8 +86,8 @@ class QueueLoss(CheckedLoad):
     ) -> None:
         super().__init__()
         check_positive_number("temperature", temperature)
-        if mixer is not None and not callable(getattr(mixer, "similarities", None)):
-            raise TypeError(f"mixer must be a HardNegativeMixer (with `similarities`), got {type(mixer).__name__}")
+        if mixer is not None and not all(callable(getattr(mixer, name, None)) for name in ("plan", "mixed_logits")):
+            raise TypeError(f"mixer must be a HardNegativeMixer (plan, mixed_logits), got {type(mixer).__name__}")
         self.queue = Queue(size, dim, labelled=True)
         self.temperature = float(temperature)
         self.mixer = mixer
@@ -153,11 +154,15 @@ class QueueLoss(CheckedLoad):
                 if indices is not None:
                     own |= indices.unsqueeze(0) == indices.unsqueeze(1)
                 negatives = negatives.masked_fill(own, float("-inf"))
-            parts = [positive, negatives]
+            # -inf for a query without negatives; the columns of `negatives` the mixes read
+            plan = self.mixer.plan(scaled, table, negatives) if self.mixer is not None else None
+            columns = plan["columns"] if plan is not None else negatives.new_zeros((q.shape[0], 0), dtype=torch.long)
+            log_sum, read = _LogSumExpAndRead.apply(negatives, columns)
+            parts = [positive, log_sum]
             if self.mixer is not None:
-                parts.append(self.mixer.similarities(scaled, table, negatives))  # -inf for a query without negatives
-            logits = torch.cat(parts, dim=1)
-            contrastive = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long), reduction="none")
+                parts.append(self.mixer.mixed_logits(scaled, read, plan))
+            # cross-entropy with the key as class 0, without concatenating the (B, M) logits
+            contrastive = torch.logsumexp(torch.cat(parts, dim=1), dim=1) - positive.squeeze(1)
 
         if update_memory:
             self._enqueue(k, indices, counts)
@@ -196,3 +201,35 @@ class QueueLoss(CheckedLoad):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
+
+
+class _LogSumExpAndRead(torch.autograd.Function):
+    r"""``logsumexp(logits, 1)`` and ``logits.gather(1, columns)`` in one node: its backward writes one (B, M) gradient.
+
+    Through autograd, the log-softmax of the concatenated logits, the concatenation, the gather's
+    zero-filled (B, M) gradient and the sum of the two gradients would each pass over (B, M), which
+    on CPU cost about as much as the (B, D) @ (D, M) product itself (``benchmarks/speed.py``'s
+    ``queue`` and ``queue+mochi`` rows time the result). Here the backward is
+    :math:`\operatorname{softmax}(\text{logits}) \cdot g_{\text{lse}}` with the read columns'
+    gradients added in place. With ``create_graph=True`` it is computed out of place, so that it has
+    a derivative of its own.
+
+    Shape:
+        - logits: (B, M); columns: (B, C) long
+        - output: (B, 1) and (B, C)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_sum = torch.logsumexp(logits, dim=1, keepdim=True)
+        ctx.save_for_backward(logits, log_sum, columns)
+        return log_sum, logits.gather(1, columns)
+
+    @staticmethod
+    def backward(ctx, grad_log_sum: torch.Tensor, grad_read: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, log_sum, columns = ctx.saved_tensors
+        # a row whose entries are all -inf has log_sum -inf: a finite stand-in keeps its softmax 0, not NaN
+        log_sum = log_sum.clamp(min=torch.finfo(log_sum.dtype).min)
+        if torch.is_grad_enabled():
+            return torch.exp(logits - log_sum).mul(grad_log_sum).scatter_add(1, columns, grad_read), None
+        return torch.sub(logits, log_sum).exp_().mul_(grad_log_sum).scatter_add_(1, columns, grad_read), None
