@@ -48,7 +48,7 @@ class MethodSettings:
     merge_search: str = setting(
         "clean", "what a merge round searches: clean (the encoder's embeddings of the unaugmented samples) or bank"
     )
-    merge_ratio: float = setting(0.7, "NeighbourMerger's ratio test threshold (chosen on mnist1d-tune, planted)")
+    merge_ratio: float = setting(0.75, "NeighbourMerger's ratio test threshold (chosen on mnist1d-tune, planted)")
     merge_cap: float = setting(
         0.1, "NeighbourMerger's max_merged_share; with planted copies at least their share of the entries + 0.05"
     )
