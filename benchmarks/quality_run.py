@@ -1,8 +1,8 @@
 """Runs the quality benchmark: trains each (method, protocol, seed), evaluates it, and reports progress by epoch.
 
-:func:`run_job` is one run, in one process; :func:`run_all` spreads the runs over worker processes
-(one torch thread each by default, so that processes and threads never outnumber the cores) and
-shows one progress bar over every epoch of every run.
+:func:`run_job` is one run, in one process; :func:`run_tasks` spreads runs over worker processes (one
+torch thread each by default, so that processes and threads never outnumber the cores) and shows one
+progress bar over every epoch of every run; :func:`run_all` runs every job of the settings.
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ def make_encoder(settings: Settings, data: DataSet) -> nn.Module:
     dim = settings.method.dim
     if data.kind == "signal":
         return SignalCNN(dim, settings.width, settings.head)
-    if data.name == "mnist5k":
+    if data.train.x.shape[1] == 1:  # grey digits: mnist5k, clutter5k
         return DigitCNN(dim, settings.width)
     return ResNet18(dim, data.train.x.shape[1])
 
 
-def make_augment(data: DataSet, generator: torch.Generator) -> nn.Module:
+def make_augment(data: DataSet, settings: Settings, generator: torch.Generator) -> nn.Module:
     if data.kind == "signal":
         return SignalAugment(generator=generator)
-    return ImageAugment(flip=0.0 if data.name == "mnist5k" else 0.5, generator=generator)
+    digits = data.train.x.shape[1] == 1  # a flipped digit is another symbol
+    return ImageAugment(area=(settings.crop_min, 1.0), flip=0.0 if digits else 0.5, generator=generator)
 
 
 @torch.no_grad()
@@ -84,6 +85,8 @@ def evaluate(encoder: nn.Module | None, data: ProtocolData, settings: Settings, 
             out[prefix + "knn"] = knn_accuracy(*args, k=settings.knn_k, temperature=settings.knn_temperature)
             if final:
                 out[prefix + "1nn"] = knn_accuracy(*args, k=1)
+                for k in settings.extra_knn_k:
+                    out[f"{prefix}knn@{k}"] = knn_accuracy(*args, k=k, temperature=settings.knn_temperature)
         else:
             out.update({prefix + k: v for k, v in retrieval_metrics(query, data.query.y, map_at_r=final).items()})
     return out
@@ -135,7 +138,7 @@ def run_job(
     model = build_method(
         method, encoder, split.train.y, steps, settings.method, generator, inputs=split.train.x, planted=planted
     ).to(settings.device)
-    augment = make_augment(data, generator)
+    augment = make_augment(data, settings, generator)
     optimiser = torch.optim.Adam(encoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, settings.lr, total_steps=settings.epochs * steps, pct_start=settings.lr_warmup
@@ -217,50 +220,65 @@ def _pool_job(settings: Settings, job: Job) -> dict[str, Any]:
 
 def run_all(settings: Settings, progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every job of ``settings``, longest first; ``log`` gets a line as each run finishes."""
+    jobs = jobs_of(settings)
+    runs = run_tasks([(settings, job) for job in jobs], load_data(settings), settings.threads, progress, log)
+    order = {m: i for i, m in enumerate(settings.methods)}
+    return sorted(runs, key=lambda r: (r["protocol"], order[r["method"]], r["seed"]))
+
+
+def run_tasks(
+    tasks: list[tuple[Settings, Job]],
+    data: DataSet,
+    threads: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    label: Callable[[Settings, Job], str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run each (settings, job) on ``data``, longest first, in ``workers_for`` processes; records in ``tasks``' order.
+
+    ``log`` gets a line as each run finishes, headed by ``label(settings, job)`` (default: the job).
+    """
     from tqdm import tqdm
 
-    data = load_data(settings)
-    jobs = sorted(jobs_of(settings), key=lambda j: -_cost(settings, j))  # longest first balances the workers
-    epochs = sum(settings.epochs for m, _, _ in jobs if m not in ("raw", "random"))
+    order = sorted(range(len(tasks)), key=lambda i: -_cost(*tasks[i]) * tasks[i][0].epochs)  # balances the workers
+    epochs = sum(s.epochs for s, (m, _, _) in tasks if m not in ("raw", "random"))
     bar = tqdm(total=epochs, desc="training", unit="epoch", disable=not progress, dynamic_ncols=True)
     write = tqdm.write if progress else log
+    label = label or (lambda s, job: f"{job[0]:>12} {job[1]:>6} seed {job[2]}")
 
     def on_epoch(event: dict[str, Any]) -> None:
         bar.update()
         method, protocol, seed = event["job"]
         bar.set_postfix_str(f"{method}, {protocol}, seed {seed}: epoch {event['epoch']}, loss {event['loss']:.3f}")
 
-    def finished(record: dict[str, Any]) -> None:
-        metric = headline(record["protocol"])
-        line = f"{record['method']:>12} {record['protocol']:>6} seed {record['seed']}: {metric} "
-        write(line + f"{record['final'][metric]:.3f}  ({record['seconds']:.0f} s of training)")
+    runs: list[dict[str, Any]] = [{}] * len(tasks)
 
-    runs = []
-    workers = workers_for(settings, len(jobs))
+    def finished(i: int, record: dict[str, Any]) -> None:
+        runs[i] = record
+        metric = headline(record["protocol"])
+        write(f"{label(*tasks[i])}: {metric} {record['final'][metric]:.3f}  ({record['seconds']:.0f} s of training)")
+
+    workers = max((workers_for(s, len(tasks)) for s, _ in tasks), default=1)
     if workers == 1:
-        if settings.threads > 0:
-            torch.set_num_threads(settings.threads)
-        for job in jobs:
-            runs.append(run_job(settings, job, data, on_epoch))
-            finished(runs[-1])
+        if threads > 0:
+            torch.set_num_threads(threads)
+        for i in order:
+            finished(i, run_job(*tasks[i], data, on_epoch))
     else:
         # spawn, not fork: a forked child of a process that already ran OpenMP code can deadlock
         context = multiprocessing.get_context("spawn")
         events = context.Queue()
-        start = (settings.threads, data, events)
-        pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=start)
+        pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(threads, data, events))
         with pool:
-            pending = {pool.submit(_pool_job, settings, job) for job in jobs}
+            pending = {pool.submit(_pool_job, *tasks[i]): i for i in order}
             while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 _drain(events, on_epoch)
                 for future in done:
-                    runs.append(future.result())
-                    finished(runs[-1])
+                    finished(pending.pop(future), future.result())
             _drain(events, on_epoch)
     bar.close()
-    order = {m: i for i, m in enumerate(settings.methods)}
-    return sorted(runs, key=lambda r: (r["protocol"], order[r["method"]], r["seed"]))
+    return runs
 
 
 def _drain(events: Any, on_epoch: Callable[[dict[str, Any]], None]) -> None:

@@ -26,11 +26,15 @@ ALL_METHODS = BASELINES + METHODS
 ORACLE = "oracle"
 
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field with its ``--help`` text; mutable defaults are copied for each instance."""
+def setting(default: Any, help: str, item: type | None = None) -> Any:
+    """A dataclass field with its ``--help`` text (``item``: the type of a tuple's items, when it may be empty).
+
+    Mutable defaults are copied for each instance.
+    """
+    metadata = {"help": help, "item": item}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Settings:
     lr: float = setting(1e-3, "peak learning rate of Adam's one-cycle schedule")
     lr_warmup: float = setting(0.3, "share of the steps over which the one-cycle learning rate rises to its peak")
     weight_decay: float = setting(0.0, "Adam weight decay")
+    crop_min: float = setting(0.3, "smallest random crop, as a share of the image's area (image data sets)")
     width: int = setting(16, "channels of the encoder's first block")
     head: str = setting("linear", "projection head of the signal encoder: linear (as NPID) or mlp")
     plant_duplicates: float = setting(
@@ -88,6 +93,9 @@ class Settings:
     eval_every: int = setting(5, "epochs between evaluations for the curves (the last epoch is always evaluated)")
     knn_k: int = setting(200, "neighbours of the weighted kNN (NPID's)")
     knn_temperature: float = setting(0.07, "temperature of the weighted kNN votes (NPID's)")
+    extra_knn_k: tuple = setting(
+        (), "more k of the weighted kNN, evaluated at the end as knn@k (the sweep's)", item=int
+    )
     features: str = setting("backbone", "what is evaluated: backbone (pooled features), embedding, or both")
     device: str = setting("cpu", "cpu or cuda")
     workers: int = setting(0, "parallel training processes (0: one per CPU core, at most one per run)")
@@ -99,7 +107,10 @@ class Settings:
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     "mnist1d": {},
     "mnist1d-tune": {},
-    "mnist5k": {"width": 32},
+    # Digits: a narrow encoder and 20 epochs keep each table within an hour on 2 cores; the rest of the
+    # recipe is the validation sweep's (benchmarks/sweep.py, results in benchmarks/results/sweep/).
+    "mnist5k": {"width": 16, "epochs": 20},
+    "clutter5k": {"width": 16, "epochs": 20},
     "cifar10": {"epochs": 200, "batch_size": 256, "workers": 1, "threads": 0},
     "cub200": {"protocols": ("unseen",), "epochs": 100, "batch_size": 128, "workers": 1, "threads": 0},
 }
@@ -162,11 +173,11 @@ def layers() -> str:
     return "\n".join(lines + ["", f"--quick changes: {_changes(QUICK)}."])
 
 
-def _converter(default: Any) -> Any:
+def _converter(default: Any, item: type | None) -> Any:
     if isinstance(default, dict):
         return json.loads
     if isinstance(default, tuple):
-        return type(default[0]) if default else str
+        return item or (type(default[0]) if default else str)
     return type(default)
 
 
@@ -179,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = getattr(defaults, f.name)
             group.add_argument(
                 "--" + f.name.replace("_", "-"),
-                type=_converter(default),
+                type=_converter(default, f.metadata["item"]),
                 nargs="+" if isinstance(default, tuple) else None,
                 choices=CHOICES.get(f.name),
                 default=None,

@@ -91,7 +91,7 @@ def test_settings_layer_defaults_data_set_quick_and_command_line():
     assert settings.method.temperature == 0.2 and settings.method.merge_warmup == QUICK["method"]["merge_warmup"]
     assert settings.method.views == MethodSettings().views and out == Path("results/quality/mnist1d-quick") and progress
     digits = resolve("mnist5k", False, {"epochs": 3, "merge_kwargs": {"backend": "torch"}})
-    assert digits.width == 32 and digits.epochs == 3 and digits.method.merge_kwargs == {"backend": "torch"}
+    assert digits.width == 16 and digits.epochs == 3 and digits.method.merge_kwargs == {"backend": "torch"}
     assert MethodSettings().merge_kwargs == {} and MethodSettings().merge_kwargs is not MethodSettings().merge_kwargs
 
 
