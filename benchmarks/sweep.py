@@ -19,9 +19,10 @@ settings:
    the base: one axis at a time;
 2. the best value of each axis together, when that is not already a run of step 1.
 
-Every run evaluates each k of :data:`KNN_K`; the chosen recipe is the (run, k) with the highest
-validation kNN accuracy. The temperature applies to the memory-bank rows only (MoCo, MoCHi and XBM
-keep their published values); the other chosen values apply to every method of the quality table.
+Every run evaluates each k of :data:`KNN_K` (the raw pixels too, for reference); the chosen recipe is
+the (run, k) with the highest validation kNN accuracy. The temperature applies to the memory-bank rows
+only (MoCo, MoCHi and XBM keep their published values); the other chosen values apply to every method
+of the quality table.
 
 Outputs in ``--out``: ``results.json`` (command, commit, every run's settings and validation scores,
 the choice) and ``results.md`` (the table).
@@ -42,16 +43,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import quality_report  # noqa: E402
-from benchmarks.datasets import DataSet, Split, load  # noqa: E402
+from benchmarks.datasets import DataSet, Split, load, protocol_data  # noqa: E402
 from benchmarks.provenance import provenance  # noqa: E402
-from benchmarks.quality_run import run_tasks  # noqa: E402
+from benchmarks.quality_run import evaluate, run_tasks  # noqa: E402
 from benchmarks.quality_settings import Settings, resolve  # noqa: E402
 
 METHOD = "npid-4v-cons"
 # The harness's recipe before the sweep, and the values tried one axis at a time.
 BASE: dict[str, Any] = {"crop_min": 0.3, "batch_size": 64, "temperature": 0.07, "lr": 1e-3}
 AXES: dict[str, tuple] = {
-    "crop_min": (0.3, 0.5, 0.7),
+    "crop_min": (0.3, 0.5, 0.7, 0.85),
     "batch_size": (64, 128, 256),
     "temperature": (0.07, 0.1, 0.2),
     "lr": (1e-3, 3e-3),
@@ -113,6 +114,8 @@ def run(dataset: str, share: float, epochs: int | None, progress: bool) -> dict[
     if mix not in recipes:
         recipes.append(mix)
         records += train([mix])
+    reference = recipe_settings(dataset, BASE, epochs)
+    raw = evaluate(None, protocol_data(data, "seen"), reference, final=True)
     scores = [best(r) for r in records]
     chosen = max(range(len(recipes)), key=lambda i: scores[i][0])
     return {
@@ -129,6 +132,7 @@ def run(dataset: str, share: float, epochs: int | None, progress: bool) -> dict[
             }
             for r, rec in zip(recipes, records)
         ],
+        "raw_input": {k: raw[f"knn@{k}"] for k in KNN_K},
         "chosen": {**recipes[chosen], "knn_k": scores[chosen][1], "validation_knn": scores[chosen][0]},
     }
 
@@ -143,7 +147,8 @@ def table(result: dict[str, Any]) -> str:
         cells = [f"**{v:.3f}**" if v == top else f"{v:.3f}" for v in run["validation"].values()]
         name = f"**{run['label']}** (chosen)" if run["recipe"] == chosen else run["label"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {run['seconds']:.0f} s |")
-    return "\n".join(lines)
+    raw = " | ".join(f"{v:.3f}" for v in result["raw_input"].values())
+    return "\n".join(lines + [f"| raw pixels (for reference) | {raw} | |"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,7 @@ def test_sweep_runs_end_to_end_on_a_tiny_bed(monkeypatch):
     top = max(max(r["validation"].values()) for r in result["runs"])
     assert result["chosen"]["validation_knn"] == top and result["chosen"]["knn_k"] in (1, 3)
     assert result["settings"]["epochs"] == 1 and result["settings"]["width"] == 16
+    assert set(result["raw_input"]) == {1, 3} and "raw pixels" in sweep.table(result)
 
 
 def test_run_tasks_returns_records_in_the_order_of_the_tasks():
