@@ -33,11 +33,13 @@ copies of one origin); and the views' mean pairwise KL at the end.
 protocol (``benchmarks/datasets.py``'s ``perturb``: a shift of up to 1 pixel or sample, brightness
 x0.9-1.1, noise, a small erased patch); the seen protocol's gallery stays the original train split.
 The full method's rounds search the encoder's embeddings of the unaugmented training samples
-(``--merge-search clean``) with the ratio test at ``--merge-ratio`` 0.7; with planted copies the
+(``--merge-search clean``) with the ratio test at ``--merge-ratio`` 0.75; with planted copies the
 merged-share cap is raised to their share of the entries plus 0.05.
 
 Settings were tuned on ``--dataset mnist1d-tune`` (MNIST-1D's generator with 10 other, random
-templates), never on MNIST-1D's test split or its classes 5-9.
+templates), never on MNIST-1D's test split or its classes 5-9. The image test beds' recipes (crop,
+batch, temperature, learning rate, kNN k) were chosen by ``benchmarks/sweep.py`` on a validation
+split held out of their train split.
 
 Outputs in ``--out`` (default ``results/quality/<dataset>[-quick]``, under the current folder):
 ``results.json`` (the command, git commit, versions, every setting, every run with its per-epoch
