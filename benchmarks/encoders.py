@@ -2,7 +2,7 @@
 
 - :class:`SignalCNN`: a small 1D CNN for MNIST-1D (circular padding and global max pooling, so a
   circular shift of the input barely changes the output, as MNIST-1D's digits sit anywhere).
-- :class:`DigitCNN`: a small 2D CNN for 28x28 digits.
+- :class:`DigitCNN`: a small 2D CNN for 28x28 digits (and the 40x40 cluttered ones).
 - :class:`ResNet18`: the CIFAR variant of ResNet-18 (3x3 stem, no max pool), written here because
   torchvision is not a dependency.
 
@@ -77,9 +77,10 @@ class DigitCNN(nn.Module):
     Args:
         dim: output width.
         width: channels of the first block.
+        stem_stride: stride of the first block (2 on larger canvases: a quarter of the cost).
 
     Shape:
-        - input: (B, 1, 28, 28)
+        - input: (B, 1, H, W), 28x28 digits or larger canvases
         - output: (B, dim)
 
     Example::
@@ -88,7 +89,7 @@ class DigitCNN(nn.Module):
         torch.Size([4, 64])
     """
 
-    def __init__(self, dim: int = 128, width: int = 32) -> None:
+    def __init__(self, dim: int = 128, width: int = 32, stem_stride: int = 1) -> None:
         super().__init__()
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -98,7 +99,9 @@ class DigitCNN(nn.Module):
                 nn.ReLU(inplace=True),
             )
 
-        self.features = nn.Sequential(block(1, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2))
+        self.features = nn.Sequential(
+            block(1, width, stem_stride), block(width, 2 * width, 2), block(2 * width, 4 * width, 2)
+        )
         self.head = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.ReLU(inplace=True), nn.Linear(4 * width, dim))
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def make_encoder(settings: Settings, data: DataSet) -> nn.Module:
     if data.kind == "signal":
         return SignalCNN(dim, settings.width, settings.head)
     if data.train.x.shape[1] == 1:  # grey digits: mnist5k, clutter5k
-        return DigitCNN(dim, settings.width)
+        return DigitCNN(dim, settings.width, settings.stem_stride)
     return ResNet18(dim, data.train.x.shape[1])
 
 

@@ -86,6 +86,7 @@ class Settings:
     weight_decay: float = setting(0.0, "Adam weight decay")
     crop_min: float = setting(0.3, "smallest random crop, as a share of the image's area (image data sets)")
     width: int = setting(16, "channels of the encoder's first block")
+    stem_stride: int = setting(1, "stride of the digit encoder's first block")
     head: str = setting("linear", "projection head of the signal encoder: linear (as NPID) or mlp")
     plant_duplicates: float = setting(
         0.0, "share of the training samples given one near-copy (datasets.perturb), pairs kept as ground truth"
@@ -110,7 +111,7 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     # Digits: a narrow encoder and 20 epochs keep each table within an hour on 2 cores; the rest of the
     # recipe is the validation sweep's (benchmarks/sweep.py, results in benchmarks/results/sweep/).
     "mnist5k": {"width": 16, "epochs": 20},
-    "clutter5k": {"width": 16, "epochs": 20},
+    "clutter5k": {"width": 16, "epochs": 20, "stem_stride": 2},
     "cifar10": {"epochs": 200, "batch_size": 256, "workers": 1, "threads": 0},
     "cub200": {"protocols": ("unseen",), "epochs": 100, "batch_size": 128, "workers": 1, "threads": 0},
 }
