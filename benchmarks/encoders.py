@@ -72,7 +72,7 @@ class SignalCNN(nn.Module):
 
 
 class DigitCNN(nn.Module):
-    """Small 2D CNN for 28x28 grey digits: three conv blocks, global average pooling, an MLP head.
+    """Small 2D CNN for grey digits: four conv blocks, global average pooling, an MLP head.
 
     Args:
         dim: output width.
@@ -99,8 +99,13 @@ class DigitCNN(nn.Module):
                 nn.ReLU(inplace=True),
             )
 
+        # The fourth block takes the receptive field from 15 to 31 pixels, more than a digit: with three,
+        # the pooled features are a bag of stroke pieces (benchmarks/results/sweep/mnist5k-3blocks).
         self.features = nn.Sequential(
-            block(1, width, stem_stride), block(width, 2 * width, 2), block(2 * width, 4 * width, 2)
+            block(1, width, stem_stride),
+            block(width, 2 * width, 2),
+            block(2 * width, 4 * width, 2),
+            block(4 * width, 4 * width, 2),
         )
         self.head = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.ReLU(inplace=True), nn.Linear(4 * width, dim))
 

@@ -80,7 +80,7 @@ def test_encoders_shapes():
     assert SignalCNN(32, 4)(torch.randn(3, 40)).shape == (3, 32)
     assert SignalCNN(32, 4, head="linear").backbone(torch.randn(3, 40)).shape == (3, 16)
     assert DigitCNN(16, 4)(torch.rand(2, 1, 28, 28)).shape == (2, 16)
-    assert DigitCNN(16, 4, stem_stride=2).features(torch.rand(2, 1, 40, 40)).shape == (2, 16, 5, 5)
+    assert DigitCNN(16, 4, stem_stride=2).features(torch.rand(2, 1, 40, 40)).shape == (2, 16, 3, 3)
     assert ResNet18(8)(torch.rand(2, 3, 32, 32)).shape == (2, 8)
     with pytest.raises(ValueError, match="head"):
         SignalCNN(8, 4, head="conv")
