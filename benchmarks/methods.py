@@ -186,7 +186,12 @@ class MemoryBankMethod(Method):
             cap = settings.merge_cap
             if planted is not None and len(planted):  # room for every planted entry, the bound kept above it
                 cap = max(cap, min(1.0, 2 * len(planted) / len(labels) + 0.05))
-            kwargs = {"ratio": settings.merge_ratio, "max_merged_share": cap, **settings.merge_kwargs}
+            kwargs = {
+                "ratio": settings.merge_ratio,
+                "bank_ratio": settings.merge_bank_ratio or None,
+                "max_merged_share": cap,
+                **settings.merge_kwargs,
+            }
             self.merger = NeighbourMerger(warmup=settings.merge_warmup, interval=settings.merge_interval, **kwargs)
         if known is not None:
             NeighbourMerger().add_groups(self.criterion.memory, known)

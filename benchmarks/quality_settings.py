@@ -52,7 +52,12 @@ class MethodSettings:
     merge_search: str = setting(
         "clean", "what a merge round searches: clean (the encoder's embeddings of the unaugmented samples) or bank"
     )
-    merge_ratio: float = setting(0.75, "NeighbourMerger's ratio test threshold (chosen on mnist1d-tune, planted)")
+    merge_ratio: float = setting(
+        0.85, "NeighbourMerger's ratio test threshold (chosen with merge_bank_ratio on mnist1d-tune, planted)"
+    )
+    merge_bank_ratio: float = setting(
+        0.8, "NeighbourMerger's bank_ratio: the ratio test a clean round's pairs must also pass in the bank (0: off)"
+    )
     merge_cap: float = setting(
         0.1, "NeighbourMerger's max_merged_share; with planted copies at least their share of the entries + 0.05"
     )

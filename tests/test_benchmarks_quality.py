@@ -288,11 +288,19 @@ def test_oracle_needs_planted_pairs_and_starts_with_them_as_groups():
     assert groups[18] == groups[0] == 0 and groups[19] == groups[3] == 3 and int((groups == torch.arange(20)).sum()) == 18
 
 
+def test_the_full_method_confirms_clean_rounds_in_the_bank_unless_told_not_to():
+    encoder, labels = SignalCNN(8, 4), torch.arange(20) % 2
+    full = build_method("full", encoder, labels, 1, MethodSettings(dim=8), torch.Generator())
+    assert full.merger.ratio == 0.85 and full.merger.bank_ratio == 0.8
+    settings = MethodSettings(dim=8, merge_bank_ratio=0.0)
+    assert build_method("full", encoder, labels, 1, settings, torch.Generator()).merger.bank_ratio is None
+
+
 def test_a_planted_run_records_every_rounds_figures_and_the_oracle(tmp_path):
     tiny = load_mnist1d(num_samples=300, seed=3)
     argv = ["--methods", "npid-4v-cons", "full", "oracle", "--plant-duplicates", "0.2", "--epochs", "3",
             "--eval-every", "3", "--batch-size", "16", "--seeds", "0", "--protocols", "seen", "--workers", "1",
-            "--width", "4", "--merge-warmup", "1", "--merge-ratio", "1.0", "--knn-k", "5",
+            "--width", "4", "--merge-warmup", "1", "--merge-ratio", "1.0", "--merge-bank-ratio", "0", "--knn-k", "5",
             "--merge-kwargs", '{"min_similarity": -1.0}', "--out", str(tmp_path), "--no-progress"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(quality_run, "load_data", lambda settings: tiny)

@@ -19,16 +19,13 @@ needs_faiss = pytest.mark.skipif(not neighbours_module.faiss_available(), reason
 
 
 # ---------------------------------------------------------------- independent reference
-def python_round(features, groups, ratio, cap, merged_share, share, floor):
-    """One round written from the docstring's rule with loops, float64 and exact single-linkage distances.
-
-    Returns the new canonical groups, the counts of the report and the smallest margin of any
-    comparison (to keep cases away from float ties) as a dict.
-    """
+def python_candidates(features, g, cap, margins, ratio):
+    """Steps 1-3 of the docstring's rule in ``features``: ``{(a, b): (link, worst ratio)}`` for every pair of
+    mutually nearest groups within the size cap (``None`` for those beyond it). Appends to ``margins`` the
+    distance of each ratio comparison from its threshold."""
     x = features.double()
     n = x.shape[0]
     dist = torch.cdist(x, x).tolist()
-    g = canonical_groups(groups).tolist()
     members = {a: [i for i in range(n) if g[i] == a] for a in sorted(set(g))}
     size = {a: len(m) for a, m in members.items()}
 
@@ -41,12 +38,10 @@ def python_round(features, groups, ratio, cap, merged_share, share, floor):
     for a in members:
         found = outside(a, {a})
         nearest[a] = g[found[0][0]] if found else None
-    pairs = [(a, b) for a, b in nearest.items() if b is not None and a < b and nearest[b] == a]
-    margins = [1.0]
-    passing, criterion_rejects, size_rejects = [], 0, 0
-    for a, b in pairs:
+    found = {}
+    for a, b in [(a, b) for a, b in nearest.items() if b is not None and a < b and nearest[b] == a]:
         if size[a] + size[b] > cap:
-            size_rejects += 1
+            found[(a, b)] = None
             continue
         link = min(dist[i][j] for i in members[a] for j in members[b])
         m = cap - size[a] - size[b] + 1
@@ -56,12 +51,38 @@ def python_round(features, groups, ratio, cap, merged_share, share, floor):
             ratios.append(link / rest[m - 1][1] if m <= len(rest) and rest[m - 1][1] > 0 else math.inf)
             if m <= len(rest):
                 margins.append(abs(link - ratio * rest[m - 1][1]))
+        found[(a, b)] = (link, max(ratios))
+    return found
+
+
+def python_round(features, groups, ratio, cap, merged_share, share, floor, bank=None, bank_ratio=1.0):
+    """One round written from the docstring's rule with loops, float64 and exact single-linkage distances;
+    with ``bank``, a pair must also be mutually nearest there and pass at ``bank_ratio``.
+
+    Returns the new canonical groups, the counts of the report and the smallest margin of any
+    comparison (to keep cases away from float ties) as a dict.
+    """
+    n = features.shape[0]
+    g = canonical_groups(groups).tolist()
+    size = {a: g.count(a) for a in set(g)}
+    margins = [1.0]
+    pairs = python_candidates(features, g, cap, margins, ratio)
+    confirmed = None
+    if bank is not None:
+        in_bank = python_candidates(bank, g, cap, margins, bank_ratio)
+        confirmed = {pair for pair, test in in_bank.items() if test is not None and test[1] < bank_ratio}
+    passing, criterion_rejects, size_rejects = [], 0, 0
+    for (a, b), test in pairs.items():
+        if test is None:
+            size_rejects += 1
+            continue
+        link, worst = test
         similarity = 1 - link**2 / 2
         margins.append(abs(similarity - floor))
-        if not (max(ratios) < ratio and similarity >= floor):
+        if not (worst < ratio and similarity >= floor and (confirmed is None or (a, b) in confirmed)):
             criterion_rejects += 1
         else:
-            passing.append((max(ratios), a, b, similarity))  # most confident (lowest ratio) first
+            passing.append((worst, a, b, similarity))  # most confident (lowest ratio) first
     passing.sort(key=lambda p: p[0])
     taken = passing[: math.ceil(share * len(passing) - 1e-9)]
     budget = math.floor(merged_share * n + 1e-9) - sum(s for s in size.values() if s > 1)
@@ -136,6 +157,60 @@ def test_round_matches_the_python_reference(n, dim, num_groups, ratio, cap, merg
     sizes = torch.bincount(torch.tensor(expected), minlength=n)
     assert report.num_groups == len(set(expected)) and report.largest_group == int(sizes.max())
     assert report.entries_in_merged_groups == int(sizes[sizes > 1].sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 24),
+    dim=st.integers(2, 4),
+    num_groups=st.integers(6, 30),
+    ratio=st.floats(0.2, 1.0),
+    bank_ratio=st.floats(0.2, 1.0),
+    cap=st.integers(2, 5),
+    noise=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_a_round_on_embeddings_confirmed_by_the_bank_matches_the_python_reference(
+    n, dim, num_groups, ratio, bank_ratio, cap, noise, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    embeddings = F.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    # Bank rows anywhere from the embeddings themselves (noise 0) to unrelated to them.
+    rows = F.normalize(embeddings + noise * torch.randn(n, dim, generator=gen), dim=1)
+    groups = torch.randint(0, num_groups, (n,), generator=gen)
+    expected, counts = python_round(embeddings, groups, ratio, cap, 1.0, 1.0, -1.0, bank=rows, bank_ratio=bank_ratio)
+    for x in (embeddings, rows):
+        sims = x.double() @ x.double().T
+        assume(n < 3 or float(sims[torch.triu_indices(n, n, 1).unbind()].sort().values.diff().min()) > 1e-5)
+    assume(counts.pop("margin") > 1e-4)
+    bank = bank_with(rows, groups)
+    report = merger(ratio=ratio, bank_ratio=bank_ratio, max_group_size=cap, max_merged_share=1.0, min_similarity=-1.0)(
+        bank, embeddings
+    )
+    assert bank.groups.tolist() == expected
+    got = {name: getattr(report, name) for name in counts if name != "weakest_similarity"}
+    assert got == {name: value for name, value in counts.items() if name != "weakest_similarity"}
+
+
+def test_the_bank_confirmation_removes_pairs_that_only_the_embeddings_hold():
+    """Two planted pairs stand apart in the embeddings; in the bank rows only the first does: with ``bank_ratio``
+    the second is refused (and counted as a criterion rejection), without it both merge."""
+    gen = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    embeddings = base.clone()
+    embeddings[1] = F.normalize(base[0] + 0.01 * torch.randn(16, generator=gen), dim=0)
+    embeddings[3] = F.normalize(base[2] + 0.01 * torch.randn(16, generator=gen), dim=0)
+    rows = base.clone()
+    rows[1] = F.normalize(base[0] + 0.01 * torch.randn(16, generator=gen), dim=0)  # entry 3 stays unrelated to 2
+    confirmed = bank_with(rows)
+    report = merger(ratio=0.5, bank_ratio=0.5)(confirmed, embeddings)
+    assert report.pairs_merged == 1 and confirmed.groups[1] == 0 and confirmed.groups[3] == 3
+    assert report.rejected_by_criterion == report.candidate_pairs - 1
+    alone = bank_with(rows)
+    merger(ratio=0.5)(alone, embeddings)
+    assert alone.groups[1] == 0 and alone.groups[3] == 2
+    searched_bank = bank_with(rows)  # a round on the bank rows has nothing to confirm against
+    assert merger(ratio=0.5, bank_ratio=0.5)(searched_bank).pairs_merged == 1
 
 
 @settings(max_examples=40, deadline=None)
@@ -372,8 +447,19 @@ def test_canonical_groups_names_each_group_after_its_smallest_member():
 # ---------------------------------------------------------------- report, history and state
 def test_report_has_the_fields_the_benchmark_relies_on():
     names = {f.name for f in dataclasses.fields(MergeReport)}
-    assert {"round", "epoch", "pairs_merged", "entries_in_merged_groups", "largest_group", "weakest_similarity",
-            "candidate_pairs", "num_groups", "seconds", "rejected_by_criterion", "rejected_by_caps"} <= names
+    assert {
+        "round",
+        "epoch",
+        "pairs_merged",
+        "entries_in_merged_groups",
+        "largest_group",
+        "weakest_similarity",
+        "candidate_pairs",
+        "num_groups",
+        "seconds",
+        "rejected_by_criterion",
+        "rejected_by_caps",
+    } <= names
 
 
 def test_share_grows_linearly_up_to_its_cap_and_is_reported():
@@ -411,6 +497,7 @@ def test_history_travels_in_the_state_dict_and_loads_with_weights_only():
         ({"interval": 0}, "interval must be a positive int, got 0"),
         ({"ratio": 0.0}, r"ratio must lie in \(0, 1\], got 0.0"),
         ({"ratio": 1.5}, r"ratio must lie in \(0, 1\], got 1.5"),
+        ({"bank_ratio": 0.0}, r"bank_ratio must lie in \(0, 1\] or be None, got 0.0"),
         ({"max_group_size": 1}, "max_group_size must be an int of at least 2, got 1"),
         ({"max_merged_share": 1.2}, r"max_merged_share must lie in \[0, 1\], got 1.2"),
         ({"initial_share": 1.5}, r"initial_share must lie in \[0, 1\], got 1.5"),
