@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -170,6 +171,7 @@ class MemoryBankMethod(Method):
         inputs: torch.Tensor | None = None,
         planted: torch.Tensor | None = None,
         known: torch.Tensor | None = None,
+        on_round: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> None:
         super().__init__(encoder)
         self.views, self.temperature = views, settings.temperature
@@ -200,6 +202,7 @@ class MemoryBankMethod(Method):
         self.labels = labels
         self.epoch = 0
         self.merges: list[dict[str, Any]] = []
+        self.on_round = on_round
         self._searched: torch.Tensor | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -234,6 +237,8 @@ class MemoryBankMethod(Method):
                 **planted_metrics(memory.groups, self.labels, self.planted, searched),
             }
             self.merges.append({"epoch": self.epoch + 1, "report": dataclasses.asdict(report), **diagnosis})
+            if self.on_round is not None:
+                self.on_round(self.epoch + 1, searched, memory.features)
         return loss
 
     def log(self) -> dict[str, float]:
@@ -344,12 +349,14 @@ def build_method(
     generator: torch.Generator,
     inputs: torch.Tensor | None = None,
     planted: torch.Tensor | None = None,
+    on_round: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Method:
     """The method ``name`` around ``encoder``.
 
     ``labels`` (of the training samples) and ``planted`` (the (original, copy) pairs planted in them)
     serve only diagnostics, except for the oracle, which is handed ``planted`` as known groups;
-    ``inputs`` are the unaugmented training samples a clean merge round embeds.
+    ``inputs`` are the unaugmented training samples a clean merge round embeds; ``on_round(epoch,
+    searched, bank rows)`` is called after each merge round (``benchmarks/merge_replay.py`` keeps them).
     """
     if name in ("npid", "npid-4v", "npid-4v-cons", "full", ORACLE):
         if name == ORACLE and (planted is None or len(planted) == 0):
@@ -360,6 +367,7 @@ def build_method(
         return MemoryBankMethod(
             encoder, labels, settings, views, consistency, merge=name == "full", inputs=inputs, planted=planted,
             known=known,
+            on_round=on_round,
         )
     if name in ("moco", "mochi"):
         return MoCoMethod(encoder, settings, name == "mochi", generator)

@@ -107,11 +107,16 @@ def _loader(data: ProtocolData, views: int, settings: Settings, generator: torch
 
 
 def run_job(
-    settings: Settings, job: Job, data: DataSet, on_epoch: Callable[[dict[str, Any]], None] | None = None
+    settings: Settings,
+    job: Job,
+    data: DataSet,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_round: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``job``'s method with its seed on its protocol's training data; return its history and final metrics.
 
-    ``on_epoch`` gets ``{"job", "epoch", "loss"}`` after each epoch (for a progress bar).
+    ``on_epoch`` gets ``{"job", "epoch", "loss"}`` after each epoch (for a progress bar); ``on_round``
+    goes to the memory-bank methods (see :func:`~benchmarks.methods.build_method`).
     """
     method, protocol, seed = job
     split = protocol_data(data, protocol)
@@ -136,7 +141,15 @@ def run_job(
     loader = _loader(split, views, settings, generator)
     steps = len(loader)
     model = build_method(
-        method, encoder, split.train.y, steps, settings.method, generator, inputs=split.train.x, planted=planted
+        method,
+        encoder,
+        split.train.y,
+        steps,
+        settings.method,
+        generator,
+        inputs=split.train.x,
+        planted=planted,
+        on_round=on_round,
     ).to(settings.device)
     augment = make_augment(data, settings, generator)
     optimiser = torch.optim.Adam(encoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

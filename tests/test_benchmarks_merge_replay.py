@@ -1,0 +1,43 @@
+"""benchmarks/merge_replay.py: replays find planted copies that stand apart, and report them as the harness does."""
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.merge_replay import replay, summary, table
+from benchmarks.quality_settings import MethodSettings, Settings
+
+
+def recorded_run(rounds=3, n=60, copies=6, seed=0, bank_noise=0.0):
+    """Random rows with ``copies`` planted near-copies appended, kept identical over ``rounds`` rounds."""
+    gen = torch.Generator().manual_seed(seed)
+    originals = F.normalize(torch.randn(n, 32, generator=gen), dim=1)
+    pairs = torch.stack([torch.arange(copies), n + torch.arange(copies)], dim=1)
+    x = torch.cat([originals, originals[:copies] + 0.01 * torch.randn(copies, 32, generator=gen)])
+    bank = x + bank_noise * torch.randn(x.shape, generator=gen)
+    kept = [{"epoch": 10 + r, "embeddings": x, "bank": bank} for r in range(rounds)]
+    labels = torch.cat([torch.arange(n) % 5, torch.arange(copies) % 5])
+    return {"settings": Settings(method=MethodSettings()), "rounds": kept, "pairs": pairs, "labels": labels}
+
+
+def test_a_replay_finds_every_planted_copy_and_nothing_else():
+    rounds = replay(recorded_run(rounds=25), {"ratio": 0.5})
+    assert [r["epoch"] for r in rounds][:2] == [10, 11]
+    found = summary(rounds)
+    # the share schedule takes 5% of the passing pairs in round 1, then more: every copy joins in the end
+    assert found["planted_recall"] == 1.0 and found["reachable_recall"] == 1.0
+    assert found["lowest_precision"] == 1.0 and found["entries_merged"] == 12
+    assert rounds[0]["pairs_merged"] == 1
+
+
+def test_the_bank_confirmation_refuses_copies_the_bank_rows_do_not_hold():
+    recorded = recorded_run(rounds=25, bank_noise=1.0)  # bank rows unrelated to the embeddings' pairs
+    assert summary(replay(recorded, {"ratio": 0.5}))["planted_recall"] == 1.0
+    confirmed = summary(replay(recorded, {"ratio": 0.5, "bank_ratio": 0.5}))
+    assert confirmed["planted_recall"] == 0.0 and confirmed["entries_merged"] == 0
+    assert confirmed["lowest_precision"] is None
+
+
+def test_the_table_has_one_row_per_criterion():
+    rounds = replay(recorded_run(), {"ratio": 0.5})
+    text = table({"criteria": [{"name": "a", "summary": summary(rounds)}, {"name": "b", "summary": summary(rounds)}]})
+    assert text.count("\n| a |") == 1 and text.count("\n| b |") == 1
