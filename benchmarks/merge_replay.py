@@ -74,7 +74,34 @@ def record(dataset: str, seed: int) -> dict[str, Any]:
 
     run = run_job(settings, ("full", "seen", seed), data, on_round=keep)
     train, pairs = plant_duplicates(data.train, PLANTED, data.kind, seed=seed)
-    return {"settings": settings, "rounds": rounds, "pairs": pairs, "labels": train.y, "final": run["final"]}
+    return {
+        "settings": settings,
+        "rounds": rounds,
+        "pairs": pairs,
+        "labels": train.y,
+        "final": run["final"],
+        "input": input_distances(train.x, pairs),
+    }
+
+
+def input_distances(x: torch.Tensor, pairs: torch.Tensor) -> dict[str, float]:
+    """How near a copy is to its original in the input itself, against the original's nearest other sample.
+
+    ``copy`` and ``nearest_other``: median Euclidean distances over the planted pairs;
+    ``copy_is_nearest``: the share of originals whose nearest sample is their copy.
+    """
+    flat = x.flatten(1).float()
+    originals = flat[pairs[:, 0]]
+    d = torch.cdist(originals, flat)
+    d[torch.arange(len(pairs)), pairs[:, 0]] = torch.inf  # not itself
+    copy = d[torch.arange(len(pairs)), pairs[:, 1]].clone()
+    d[torch.arange(len(pairs)), pairs[:, 1]] = torch.inf
+    other = d.min(dim=1).values
+    return {
+        "copy": float(copy.median()),
+        "nearest_other": float(other.median()),
+        "copy_is_nearest": float((copy < other).float().mean()),
+    }
 
 
 def replay(recorded: dict[str, Any], arguments: dict[str, Any]) -> list[dict[str, Any]]:
@@ -146,15 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": len(recorded["rounds"]),
         "planted_pairs": len(recorded["pairs"]),
         "recorded_run_final": recorded["final"],
+        "input_distances": recorded["input"],
         "criteria": criteria,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    near = result["input_distances"]
     text = (
         f"# Merge criteria replayed on {args.dataset}\n\n`{meta['command']}` at commit "
         f"{meta['provenance']['commit'][:7]}{' (dirty)' if meta['provenance']['dirty'] else ''}: the "
         f"{result['rounds']} merge rounds of one `full` run (seed {args.seed}, seen classes, "
-        f"{result['planted_pairs']} planted pairs), each criterion replayed from no groups.\n\n{table(result)}\n"
+        f"{result['planted_pairs']} planted pairs), each criterion replayed from no groups.\n\n{table(result)}\n\n"
+        f"In the input itself, a copy lies at a median distance of {near['copy']:.2f} from its original, whose "
+        f"nearest other sample lies at {near['nearest_other']:.2f}; the copy is its original's nearest sample "
+        f"for {near['copy_is_nearest']:.0%} of the pairs.\n"
     )
     (out / "results.md").write_text(text)
     print("\n" + text)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from benchmarks.merge_replay import replay, summary, table
+from benchmarks.merge_replay import input_distances, replay, summary, table
 from benchmarks.quality_settings import MethodSettings, Settings
 
 
@@ -41,3 +41,18 @@ def test_the_table_has_one_row_per_criterion():
     rounds = replay(recorded_run(), {"ratio": 0.5})
     text = table({"criteria": [{"name": "a", "summary": summary(rounds)}, {"name": "b", "summary": summary(rounds)}]})
     assert text.count("\n| a |") == 1 and text.count("\n| b |") == 1
+
+
+def test_input_distances_against_a_loop():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, generator=gen)
+    pairs = torch.tensor([[0, 9], [4, 10], [7, 11]])
+    x[9] = x[0] + 0.01  # a near copy; 10 and 11 are unrelated samples
+    copies, others = [], []
+    for original, copy in pairs.tolist():
+        copies.append(float((x[original] - x[copy]).norm()))
+        others.append(min(float((x[original] - x[j]).norm()) for j in range(12) if j not in (original, copy)))
+    found = input_distances(x, pairs)
+    assert abs(found["copy"] - torch.tensor(copies).median().item()) < 1e-5
+    assert abs(found["nearest_other"] - torch.tensor(others).median().item()) < 1e-5
+    assert abs(found["copy_is_nearest"] - sum(c < o for c, o in zip(copies, others)) / 3) < 1e-6
