@@ -1,6 +1,5 @@
 """NeighbourMerger under torch.distributed (gloo, several CPU processes, each run under a time limit)."""
 
-
 import pytest
 import torch
 from distributed_helpers import run_distributed
@@ -96,3 +95,40 @@ def test_a_failure_on_rank_zero_raises_the_same_error_on_every_rank(world_size):
     for _, (groups, rounds), after, merged in results:
         assert torch.equal(groups, torch.arange(40)) and rounds == 0
         assert torch.equal(after, results[0][2]) and merged == results[0][3] > 0
+
+
+def confirming_merger(**kwargs):
+    """Every passing pair at once, so that what the bank refuses shows in the count merged."""
+    return NeighbourMerger(
+        ratio=1.0,
+        min_similarity=-1.0,
+        initial_share=1.0,
+        max_share=1.0,
+        max_merged_share=1.0,
+        backend="torch",
+        **kwargs,
+    )
+
+
+def confirmed_worker(rank_, world_size):
+    torch.manual_seed(0)  # the same bank rows on every rank
+    bank = MemoryBank(40, 3)
+    rows = bank.features.clone()
+    # Embeddings that differ by rank (only rank 0's are searched), near the rows so that some pairs confirm.
+    embeddings = rows + 0.1 * torch.randn(40, 3, generator=torch.Generator().manual_seed(rank_))
+    report = confirming_merger(bank_ratio=0.7)(bank, embeddings)
+    return rows, embeddings, bank.groups.clone(), timeless([report])[0]
+
+
+def test_a_round_confirmed_by_the_bank_gives_every_rank_rank_zeros_groups():
+    results = run_distributed(confirmed_worker, 2)
+    rows, embeddings, groups, report = results[0]
+    assert torch.equal(results[1][2], groups) and results[1][3] == report
+    reference = MemoryBank(40, 3)
+    reference.features.copy_(rows)
+    expected = timeless([confirming_merger(bank_ratio=0.7)(reference, embeddings)])[0]
+    assert report == expected and torch.equal(reference.groups, groups)
+    unconfirmed = MemoryBank(40, 3)
+    unconfirmed.features.copy_(rows)
+    alone = confirming_merger()(unconfirmed, embeddings)
+    assert 0 < report["pairs_merged"] < alone.pairs_merged  # the bank refused a pair the embeddings held
