@@ -270,6 +270,12 @@ def run_case(args: argparse.Namespace, case: str, size: int) -> dict:
     return {**record, "status": "out of memory" if out_of_memory else "error", "error": error}
 
 
+def _milliseconds(seconds: float) -> str:
+    """Three significant digits below 100 ms (a GPU step takes well under one), whole ms above."""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def markdown(results: list[dict], sizes: list[int]) -> str:
     floor = {r["size"]: r["seconds"] for r in results if r["case"] == "floor" and r["status"] == "ok"}
     header = "| case | " + " | ".join(f"M = {m:,}" for m in sizes) + " |"
@@ -284,7 +290,7 @@ def markdown(results: list[dict], sizes: list[int]) -> str:
                 cells.append(r["status"])
             else:
                 ratio = f"{r['seconds'] / floor[m]:.2f}x" if m in floor else "?"
-                cells.append(f"{r['seconds'] * 1e3:.0f} ms ({ratio}), {r['peak_mb']:.0f} MB")
+                cells.append(f"{_milliseconds(r['seconds'])} ms ({ratio}), {r['peak_mb']:.0f} MB")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

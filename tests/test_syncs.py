@@ -25,30 +25,39 @@ EXPECTED = {
 }
 
 
-def make_step(case: str, checks: bool, seed: int = 0):
-    """A training step of ``case`` after a few steps of warm-up (memories filled, merge groups present)."""
+def make_case(case: str, checks: bool, seed: int = 0, device: str | torch.device = "cpu"):
+    """``case``'s criterion on ``device``, its embeddings (a leaf) and the inputs of one call, built from ``seed``
+    on CPU (a mixer draws with a generator on ``device``)."""
     gen = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(BATCH, DIM, generator=gen, requires_grad=True)
-    keys = torch.randn(BATCH, DIM, generator=gen)
+    embeddings, keys = torch.randn(BATCH, DIM, generator=gen), torch.randn(BATCH, DIM, generator=gen)
     if case.startswith("bank"):
         views = case == "bank+views"
         criterion = MemoryBankLoss(SIZE, DIM, consistency_weight=1.0 if views else 0.0, checks=checks)
         groups = torch.arange(SIZE)
         groups[:20] = groups[:20] // 2 * 2  # ten merged pairs
         criterion.memory.groups.copy_(groups)
-        indices = torch.arange(BATCH // 4).repeat(4) if views else torch.randperm(SIZE, generator=gen)[:BATCH]
-        call = lambda: criterion(embeddings, indices)  # noqa: E731
+        labels = torch.arange(BATCH // 4).repeat(4) if views else torch.randperm(SIZE, generator=gen)[:BATCH]
     elif case.startswith("queue"):
-        mixer = HardNegativeMixer(8, 6, 3, generator=torch.Generator().manual_seed(seed)) if "mixer" in case else None
+        generator = torch.Generator(device).manual_seed(seed)
+        mixer = HardNegativeMixer(8, 6, 3, generator=generator) if "mixer" in case else None
         criterion = QueueLoss(SIZE, DIM, mixer=mixer, checks=checks)
-        call = lambda: criterion(embeddings, keys, torch.arange(BATCH))  # noqa: E731
+        labels = torch.arange(BATCH)
     else:
         criterion = CrossBatchLoss(SIZE, DIM, checks=checks)
-        call = lambda: criterion(embeddings, torch.arange(BATCH) // 4)  # noqa: E731
+        labels = torch.arange(BATCH) // 4
+    criterion.to(device)
+    embeddings = embeddings.to(device).requires_grad_()
+    inputs = (embeddings, *([keys.to(device)] if case.startswith("queue") else []), labels.to(device))
+    return criterion, embeddings, inputs
+
+
+def make_step(case: str, checks: bool, seed: int = 0):
+    """A training step of ``case`` after a few steps of warm-up (memories filled, merge groups present)."""
+    criterion, embeddings, inputs = make_case(case, checks, seed)
 
     def step():
         embeddings.grad = None
-        call().backward()
+        criterion(*inputs).backward()
 
     for _ in range(5):
         step()
@@ -73,13 +82,20 @@ def test_the_counter_sees_every_kind_of_host_read():
     with SyncCounter() as counter:
         int(x.sum()), bool(x.any()), x.tolist(), x[x > 2], x.nonzero(), x.unique(), torch.repeat_interleave(x)
     assert [name for name, _ in counter.where] == [
-        "_local_scalar_dense", "_local_scalar_dense", "tolist", "index", "nonzero", "_unique2", "repeat_interleave"
+        "_local_scalar_dense",
+        "_local_scalar_dense",
+        "tolist",
+        "index",
+        "nonzero",
+        "_unique2",
+        "repeat_interleave",
     ]
 
 
 def syncs_worker(rank, world_size):
-    return {(case, checks): count(make_step(case, checks, seed=rank)).where
-            for case in EXPECTED for checks in (True, False)}
+    return {
+        (case, checks): count(make_step(case, checks, seed=rank)).where for case in EXPECTED for checks in (True, False)
+    }
 
 
 def test_one_sync_per_step_under_torch_distributed_with_or_without_checks():
