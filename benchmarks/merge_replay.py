@@ -11,11 +11,13 @@ encoder's embeddings of the unaugmented samples and the bank rows are kept. Each
 the harness's caps and schedule merging the kept tensors: what merges differs, what is searched does
 not (merging feeds back into training, which a replay leaves out). Per criterion: the reachable
 recall after the last round, the planted recall, the lowest planted precision over the rounds (the
-issue's targets are 0.8 and 0.9) and the entries merged.
+issue's targets are 0.8 and 0.9), the entries merged, and where the last round's merged pairs lie in the
+input: whether the pairs counted against precision are farther apart than the planted copies, or nearer
+(natural near-duplicates the ground truth does not list).
 
 ``mnist5k-val`` is mnist5k's train split less the 20% the validation sweep holds out; no test split is
 read. Outputs in ``--out``: ``results.json`` (command, commit, settings, every criterion's rounds) and
-``results.md`` (the table).
+``results.md`` (the table) and ``pairs.png`` (merged pairs of the harness's criterion, drawn).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def record(dataset: str, seed: int) -> dict[str, Any]:
         "labels": train.y,
         "final": run["final"],
         "input": input_distances(train.x, pairs),
+        "x": train.x,
+        "kind": data.kind,
     }
 
 
@@ -104,8 +108,49 @@ def input_distances(x: torch.Tensor, pairs: torch.Tensor) -> dict[str, float]:
     }
 
 
+def merged_pairs(groups: torch.Tensor) -> torch.Tensor:
+    """Every pair of entries sharing a group, as rows ``(i, j)`` with ``i < j``, shape (P, 2)."""
+    sizes = torch.bincount(groups, minlength=groups.numel())
+    members = (sizes[groups] > 1).nonzero().squeeze(1)
+    i, j = torch.triu_indices(len(members), len(members), 1)
+    together = groups[members[i]] == groups[members[j]]
+    return torch.stack([members[i[together]], members[j[together]]], dim=1)
+
+
+def merged_input_distances(groups: torch.Tensor, pairs: torch.Tensor, x: torch.Tensor, copy: float) -> dict:
+    """How near in the input the merged pairs are: copies of one origin (planted) and the others.
+
+    ``planted`` and ``other``: median Euclidean distances (None when there are none);
+    ``other_nearer_than_copy``: the share of the other pairs nearer to each other than ``copy``, the median
+    distance of a planted copy to its original (:func:`input_distances`).
+    """
+    found = merged_pairs(groups.cpu())
+    origin = torch.arange(groups.numel())
+    origin[pairs[:, 1]] = pairs[:, 0]
+    planted = origin[found[:, 0]] == origin[found[:, 1]]
+    flat = x.flatten(1).float()
+    d = (flat[found[:, 0]] - flat[found[:, 1]]).norm(dim=1)
+    other = d[~planted]
+
+    def median(values: torch.Tensor) -> float | None:
+        return float(values.median()) if len(values) else None
+
+    return {
+        "planted": median(d[planted]),
+        "other": median(other),
+        "other_nearer_than_copy": float((other < copy).float().mean()) if len(other) else None,
+    }
+
+
 def replay(recorded: dict[str, Any], arguments: dict[str, Any]) -> list[dict[str, Any]]:
     """Every recorded round merged again by a merger with the harness's caps and ``arguments``."""
+    return replay_with_groups(recorded, arguments)[0]
+
+
+def replay_with_groups(
+    recorded: dict[str, Any], arguments: dict[str, Any]
+) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """:func:`replay`, and the groups after its last round."""
     method, pairs, labels = recorded["settings"].method, recorded["pairs"], recorded["labels"]
     n = len(labels)
     cap = max(method.merge_cap, min(1.0, 2 * len(pairs) / n + 0.05))  # the harness's cap with planted copies
@@ -117,7 +162,9 @@ def replay(recorded: dict[str, Any], arguments: dict[str, Any]) -> list[dict[str
         report = merger.merge(bank, kept["embeddings"])
         found = planted_metrics(bank.groups, labels, pairs, F.normalize(kept["embeddings"].float(), dim=1))
         out.append({"epoch": kept["epoch"], "pairs_merged": report.pairs_merged, **found})
-    return out
+    if "x" in recorded:
+        out[-1]["input"] = merged_input_distances(bank.groups, pairs, recorded["x"], recorded["input"]["copy"])
+    return out, bank.groups.clone()
 
 
 def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,24 +176,66 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "lowest_precision": min(precisions, default=None),
         "last_precision": last["planted_precision"],
         "entries_merged": last["entries_merged"],
+        **{f"input_{key}": value for key, value in last.get("input", {}).items()},
     }
 
 
 def table(results: dict[str, Any]) -> str:
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
+    def number(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| criterion | reachable recall, last round | planted recall | planted precision, lowest | entries merged |",
-        "|---|---|---|---|---|",
+        "| criterion | reachable recall, last round | planted recall | planted precision, lowest | entries merged "
+        "| input distance, merged copies / other merged pairs | other merged pairs nearer than a copy |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in results["criteria"]:
         s = row["summary"]
         lines.append(
             f"| {row['name']} | {number(s['reachable_recall'])} | {number(s['planted_recall'])} | "
-            f"{number(s['lowest_precision'])} | {s['entries_merged']} |"
+            f"{number(s['lowest_precision'])} | {s['entries_merged']} | "
+            f"{number(s.get('input_planted'), 2)} / {number(s.get('input_other'), 2)} | "
+            f"{number(s.get('input_other_nearer_than_copy'))} |"
         )
     return "\n".join(lines)
+
+
+def pairs_figure(path: Path, groups: torch.Tensor, pairs: torch.Tensor, x: torch.Tensor, kind: str, count: int = 10):
+    """A random sample of the merged pairs, planted copies on the first row, the other pairs on the next two."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = merged_pairs(groups.cpu())
+    origin = torch.arange(groups.numel())
+    origin[pairs[:, 1]] = pairs[:, 0]
+    planted = origin[found[:, 0]] == origin[found[:, 1]]
+    gen = torch.Generator().manual_seed(0)
+    rows = [("planted copies", found[planted], count), ("other merged pairs", found[~planted], 2 * count)]
+    fig, axes = plt.subplots(3, count, figsize=(1.3 * count, 4.2), squeeze=False)
+    cells = iter(axes.flat)
+    for title, chosen, k in rows:
+        chosen = chosen[torch.randperm(len(chosen), generator=gen)[:k]]
+        for n, (i, j) in enumerate(chosen.tolist()):
+            ax = next(cells)
+            if kind == "image":
+                ax.imshow(torch.cat([x[i, 0], x[j, 0]], dim=1), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.plot(x[i].numpy(), lw=0.8)
+                ax.plot(x[j].numpy(), lw=0.8)
+            ax.set_title(f"{float((x[i] - x[j]).flatten().norm()):.1f}", fontsize=7)
+            if n == 0:
+                ax.set_ylabel(title, fontsize=7)
+        for _ in range(k - len(chosen)):
+            next(cells).axis("off")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("merged pairs (title: Euclidean distance in the input)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     torch.set_num_threads(1)  # the harness's one thread per run, so that replays match its runs
     recorded = record(args.dataset, args.seed)
-    criteria = []
+    method = recorded["settings"].method
+    harness = {"ratio": method.merge_ratio, "bank_ratio": method.merge_bank_ratio or None}
+    criteria, harness_groups = [], None
     for name, arguments in CRITERIA:
-        rounds = replay(recorded, arguments)
+        rounds, groups = replay_with_groups(recorded, arguments)
         criteria.append({"name": name, "arguments": arguments, "summary": summary(rounds), "rounds": rounds})
+        if arguments == harness:
+            harness_groups = groups
     result = {
         **meta,
         "wall_seconds": time.perf_counter() - start,
@@ -186,9 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['planted_pairs']} planted pairs), each criterion replayed from no groups.\n\n{table(result)}\n\n"
         f"In the input itself, a copy lies at a median distance of {near['copy']:.2f} from its original, whose "
         f"nearest other sample lies at {near['nearest_other']:.2f}; the copy is its original's nearest sample "
-        f"for {near['copy_is_nearest']:.0%} of the pairs.\n"
+        f"for {near['copy_is_nearest']:.0%} of the pairs. The last two columns place the pairs merged by the "
+        "last round in the input: the median distance between merged copies and between the other merged "
+        "pairs, and the share of the other pairs nearer to each other than a copy's median distance to its "
+        "original. `pairs.png` shows a random sample of the pairs the harness's criterion merged.\n"
     )
     (out / "results.md").write_text(text)
+    if harness_groups is not None:
+        pairs_figure(out / "pairs.png", harness_groups, recorded["pairs"], recorded["x"], recorded["kind"])
     print("\n" + text)
     print(f"Wrote {out / 'results.json'}, {out / 'results.md'}; took {result['wall_seconds']:.0f} s.")
     return 0

@@ -1,9 +1,20 @@
 """benchmarks/merge_replay.py: replays find planted copies that stand apart, and report them as the harness does."""
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-from benchmarks.merge_replay import input_distances, replay, summary, table
+from benchmarks.merge_replay import (
+    input_distances,
+    merged_input_distances,
+    merged_pairs,
+    pairs_figure,
+    replay,
+    replay_with_groups,
+    summary,
+    table,
+)
 from benchmarks.quality_settings import MethodSettings, Settings
 
 
@@ -56,3 +67,38 @@ def test_input_distances_against_a_loop():
     assert abs(found["copy"] - torch.tensor(copies).median().item()) < 1e-5
     assert abs(found["nearest_other"] - torch.tensor(others).median().item()) < 1e-5
     assert abs(found["copy_is_nearest"] - sum(c < o for c, o in zip(copies, others)) / 3) < 1e-6
+
+
+def test_merged_pairs_against_a_loop():
+    groups = torch.tensor([0, 0, 2, 3, 0, 3, 6, 7, 7, 7])
+    expected = [(i, j) for i, j in itertools.combinations(range(10), 2) if groups[i] == groups[j]]
+    assert sorted(map(tuple, merged_pairs(groups).tolist())) == expected
+    assert merged_pairs(torch.arange(5)).shape == (0, 2)
+
+
+def test_merged_input_distances_against_a_loop():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 4, generator=gen)
+    pairs = torch.tensor([[0, 6], [1, 7]])
+    groups = torch.tensor([0, 1, 2, 2, 4, 5, 0, 1])  # both copies merged; (2, 3) is not planted
+    copies = [float((x[0] - x[6]).norm()), float((x[1] - x[7]).norm())]
+    other = float((x[2] - x[3]).norm())
+    found = merged_input_distances(groups, pairs, x, copy=other + 1.0)
+    assert abs(found["planted"] - torch.tensor(copies).median().item()) < 1e-5
+    assert abs(found["other"] - other) < 1e-5 and found["other_nearer_than_copy"] == 1.0
+    assert merged_input_distances(groups, pairs, x, copy=other - 1e-3)["other_nearer_than_copy"] == 0.0
+    alone = merged_input_distances(torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]), pairs, x, copy=1.0)
+    assert alone["other"] is None and alone["other_nearer_than_copy"] is None
+
+
+def test_a_replay_places_its_merged_pairs_in_the_input_and_draws_them(tmp_path):
+    recorded = recorded_run(rounds=25)
+    x = torch.cat([row["embeddings"] for row in recorded["rounds"][:1]])
+    recorded.update(x=x, kind="signal", input=input_distances(x, recorded["pairs"]))
+    rounds, groups = replay_with_groups(recorded, {"ratio": 0.5})
+    found = summary(rounds)
+    assert found["input_planted"] is not None and found["input_other"] is None  # only the copies merged
+    assert abs(found["input_planted"] - recorded["input"]["copy"]) < 1e-5  # every copy merged: the same median
+    assert "| - |" in table({"criteria": [{"name": "a", "summary": found}]})
+    pairs_figure(tmp_path / "pairs.png", groups, recorded["pairs"], x, "signal", count=4)
+    assert (tmp_path / "pairs.png").stat().st_size > 0
