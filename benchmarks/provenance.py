@@ -45,6 +45,8 @@ def provenance() -> dict[str, Any]:
         "torch": torch.__version__,
         "pytorch_metric_learning": pytorch_metric_learning.__version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {cpu_count()} CPU cores"
+        # torch picks its CPU kernels by the vector instructions it finds: two machines that differ here can
+        # differ in a float's last bits, and a training run's figures with them
+        "machine": f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {cpu_count()} CPU cores"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
     }
