@@ -45,7 +45,7 @@ from benchmarks.sweep import validation_split  # noqa: E402
 from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
 # (name, NeighbourMerger arguments): the embeddings alone at three ratios, with a smaller group cap,
-# and confirmed by the bank rows.
+# confirmed by the bank rows, and the harness's criterion with a larger per-round share.
 CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("embeddings, ratio 0.75", {"ratio": 0.75}),
     ("embeddings, ratio 0.8", {"ratio": 0.8}),
@@ -56,6 +56,11 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("embeddings 0.85, confirmed by bank 0.75", {"ratio": 0.85, "bank_ratio": 0.75}),
     ("embeddings 0.85, confirmed by bank 0.8", {"ratio": 0.85, "bank_ratio": 0.8}),
     ("embeddings 0.88, confirmed by bank 0.8", {"ratio": 0.88, "bank_ratio": 0.8}),
+    ("embeddings 0.85, bank 0.8, share up to 0.5", {"ratio": 0.85, "bank_ratio": 0.8, "max_share": 0.5}),
+    (
+        "embeddings 0.85, bank 0.8, every passing pair",
+        {"ratio": 0.85, "bank_ratio": 0.8, "initial_share": 1.0, "max_share": 1.0},
+    ),
 )
 PLANTED = 0.15
 
