@@ -419,7 +419,9 @@ class NeighbourMerger(nn.Module):
     - ``initial_share=0.05``, ``share_growth=0.05``, ``max_share=0.25``: AND (Huang et al., 2019)
       grows its share of merged anchors linearly over five rounds; here groups accumulate across
       rounds, so each round takes a fifth of that: 5% of the passing pairs at first (at least one),
-      25% from the fifth round on.
+      25% from the fifth round on. A pair must then keep passing until its turn comes, which filters
+      chance pairs: in the replay above (ratio 0.85, bank 0.8), a share up to 0.5 raised the reachable
+      recall to 0.89 and lowered the lowest precision to 0.89; every passing pair at once, 0.95 / 0.80.
     - ``min_similarity=0.5``: a floor under the ratio test, above the nearest-neighbour cosine of
       unrelated 128-d unit vectors (about :math:`\sqrt{2 \ln N / D} \approx 0.47` for N = 1.28M).
     - ``backend="auto"``: exact search below ``faiss_threshold`` rows (faiss's flat index on CPU when
