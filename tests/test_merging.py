@@ -422,8 +422,11 @@ def test_torch_and_exact_faiss_give_the_same_rounds():
     banks = [MemoryBank(400, 4, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     mergers = [merger(backend=b, ratio=0.9, min_similarity=-1.0, max_merged_share=0.5) for b in ("torch", "faiss-flat")]
     for _ in range(20):
-        reports = timeless(*(m(b) for m, b in zip(mergers, banks)))
-        assert torch.equal(banks[0].groups, banks[1].groups) and reports[0] == reports[1]
+        ours, theirs = timeless(*(m(b) for m, b in zip(mergers, banks)))
+        # the two kernels sum a dot product in their own order: a cosine may differ in its last bit
+        weakest = ours.pop("weakest_similarity"), theirs.pop("weakest_similarity")
+        assert weakest == (None, None) or abs(weakest[0] - weakest[1]) < 1e-6
+        assert torch.equal(banks[0].groups, banks[1].groups) and ours == theirs
         step = (torch.randint(0, 400, (50,), generator=gen), torch.randn(50, 4, generator=gen))
         for b in banks:
             b.update(*step)
