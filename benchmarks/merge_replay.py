@@ -122,6 +122,13 @@ def merged_pairs(groups: torch.Tensor) -> torch.Tensor:
     return torch.stack([members[i[together]], members[j[together]]], dim=1)
 
 
+def copies_of_one_origin(found: torch.Tensor, pairs: torch.Tensor, n: int) -> torch.Tensor:
+    """Whether each row ``(i, j)`` of ``found`` is a planted pair or two copies of one origin, shape (P,)."""
+    origin = torch.arange(n)
+    origin[pairs[:, 1]] = pairs[:, 0]
+    return origin[found[:, 0]] == origin[found[:, 1]]
+
+
 def merged_input_distances(groups: torch.Tensor, pairs: torch.Tensor, x: torch.Tensor, copy: float) -> dict:
     """How near in the input the merged pairs are: copies of one origin (planted) and the others.
 
@@ -130,9 +137,7 @@ def merged_input_distances(groups: torch.Tensor, pairs: torch.Tensor, x: torch.T
     distance of a planted copy to its original (:func:`input_distances`).
     """
     found = merged_pairs(groups.cpu())
-    origin = torch.arange(groups.numel())
-    origin[pairs[:, 1]] = pairs[:, 0]
-    planted = origin[found[:, 0]] == origin[found[:, 1]]
+    planted = copies_of_one_origin(found, pairs, groups.numel())
     flat = x.flatten(1).float()
     d = (flat[found[:, 0]] - flat[found[:, 1]]).norm(dim=1)
     other = d[~planted]
@@ -213,9 +218,7 @@ def pairs_figure(path: Path, groups: torch.Tensor, pairs: torch.Tensor, x: torch
     import matplotlib.pyplot as plt
 
     found = merged_pairs(groups.cpu())
-    origin = torch.arange(groups.numel())
-    origin[pairs[:, 1]] = pairs[:, 0]
-    planted = origin[found[:, 0]] == origin[found[:, 1]]
+    planted = copies_of_one_origin(found, pairs, groups.numel())
     gen = torch.Generator().manual_seed(0)
     rows = [("planted copies", found[planted], count), ("other merged pairs", found[~planted], 2 * count)]
     fig, axes = plt.subplots(3, count, figsize=(1.3 * count, 4.2), squeeze=False)
