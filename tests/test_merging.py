@@ -126,18 +126,19 @@ def bank_with(features, groups=None):
     return bank
 
 
-@settings(max_examples=60, deadline=None)
-@given(
+# a small bank of random rows in a few dimensions, and a round's ratio and group cap
+SMALL_ROUNDS = dict(
     n=st.integers(2, 24),
     dim=st.integers(2, 4),
     num_groups=st.integers(6, 30),
     ratio=st.floats(0.2, 1.0),
     cap=st.integers(2, 5),
-    merged_share=st.floats(0.0, 1.0),
-    share=st.floats(0.0, 1.0),
-    floor=st.floats(-1.0, 0.9),
     seed=st.integers(0, 2**16),
 )
+
+
+@settings(max_examples=60, deadline=None)
+@given(**SMALL_ROUNDS, merged_share=st.floats(0.0, 1.0), share=st.floats(0.0, 1.0), floor=st.floats(-1.0, 0.9))
 def test_round_matches_the_python_reference(n, dim, num_groups, ratio, cap, merged_share, share, floor, seed):
     gen = torch.Generator().manual_seed(seed)
     features = F.normalize(torch.randn(n, dim, generator=gen), dim=1)
@@ -160,16 +161,7 @@ def test_round_matches_the_python_reference(n, dim, num_groups, ratio, cap, merg
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    n=st.integers(2, 24),
-    dim=st.integers(2, 4),
-    num_groups=st.integers(6, 30),
-    ratio=st.floats(0.2, 1.0),
-    bank_ratio=st.floats(0.2, 1.0),
-    cap=st.integers(2, 5),
-    noise=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
+@given(**SMALL_ROUNDS, bank_ratio=st.floats(0.2, 1.0), noise=st.floats(0.0, 1.0))
 def test_a_round_on_embeddings_confirmed_by_the_bank_matches_the_python_reference(
     n, dim, num_groups, ratio, bank_ratio, cap, noise, seed
 ):
