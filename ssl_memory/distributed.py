@@ -143,6 +143,8 @@ def gather_rows(
     return tuple(gathered)
 
 
+# Eager under torch.compile: a host read and collectives, which dynamo would split into several graphs.
+@torch.compiler.disable
 def share_reads(
     values: torch.Tensor,
     rows: int,

@@ -92,7 +92,9 @@ class HardNegativeMixer(nn.Module):
         r = max(2, math.ceil((1 + math.sqrt(1 + 8 * self.num_mix)) / 2))
         return max(1, min(r, available))
 
+    # Eager under torch.compile: dynamo cannot pass a torch.Generator to its graph, and would break at each draw.
     @torch.no_grad()
+    @torch.compiler.disable
     def _draw(self, query: torch.Tensor, negatives: torch.Tensor, logits: torch.Tensor | None) -> dict | None:
         """Each query's hardest negatives and the random draws of its mixes (None when nothing to mix).
 

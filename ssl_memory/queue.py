@@ -76,6 +76,8 @@ class Queue(Memory):
         self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device))
         self._count: tuple[tuple[int, int], int] | None = None  # host copy of count, with its key
 
+    # Eager under torch.compile: dynamo cannot trace the data-pointer key, and would break the graph around it.
+    @torch.compiler.disable
     def _filled(self) -> int:
         """``count`` as an int, from a host copy kept by :meth:`write`: a device sync only after an outside change."""
         key = (self.count.data_ptr(), self.count._version)

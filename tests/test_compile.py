@@ -1,4 +1,12 @@
-"""torch.compile of the losses (aot_eager and inductor on CPU) trains exactly as eager does, memory writes included."""
+"""torch.compile of the losses trains exactly as eager does, memory writes included.
+
+``aot_eager_decomp_partition`` runs every loss through what torch.compile does before generating code
+(dynamo's graphs and breaks, decompositions, AOT autograd, the min-cut partitioner). ``inductor`` adds
+the generated kernels, which may recompute a tensor saved for the backward from a memory the forward
+has written since (the hazard ``Memory.snapshot`` guards against: without its guard this test fails).
+Inductor compiles for about a second a graph on CPU, so it runs the memory bank loss alone: the
+queue losses read their memory through the same ``Memory.similarity``.
+"""
 
 import pytest
 import torch
@@ -6,7 +14,7 @@ import torch
 from ssl_memory import CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, QueueLoss
 
 
-def train(backend, steps=4):
+def train(backend, names, steps):
     torch.manual_seed(0)
     model = torch.nn.Linear(10, 8)
     bank_loss = MemoryBankLoss(30, 8, temperature=0.1, consistency_weight=0.5)
@@ -14,9 +22,10 @@ def train(backend, steps=4):
     mixer = HardNegativeMixer(4, 4, 2, generator=torch.Generator().manual_seed(2))
     queue_loss = QueueLoss(size=14, dim=8, mixer=mixer)  # 14: batches wrap around the ring
     cross_batch_loss = CrossBatchLoss(size=16, dim=8, margin=0.2, start_step=1)
-    losses = (bank_loss, queue_loss, cross_batch_loss)
-    if backend is not None:
-        losses = tuple(torch.compile(loss, backend=backend) for loss in losses)
+    modules = {"bank": bank_loss, "queue": queue_loss, "cross_batch": cross_batch_loss}
+    losses = {
+        name: modules[name] if backend is None else torch.compile(modules[name], backend=backend) for name in names
+    }
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(1)
     values = []
@@ -24,23 +33,30 @@ def train(backend, steps=4):
         x = torch.randn(12, 10, generator=gen)
         indices = torch.randint(0, 30, (6,), generator=gen).repeat(2)
         embeddings = model(x)
-        loss = losses[0](embeddings, indices) + losses[1](embeddings[:6], embeddings[6:].detach(), indices[:6])
-        loss = loss + losses[2](embeddings, indices % 4)
+        inputs = {
+            "bank": (embeddings, indices),
+            "queue": (embeddings[:6], embeddings[6:].detach(), indices[:6]),
+            "cross_batch": (embeddings, indices % 4),
+        }
+        loss = sum(losses[name](*inputs[name]) for name in names)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         values.append(loss.detach())
-    states = (bank_loss.state_dict(), queue_loss.state_dict(), cross_batch_loss.state_dict())
-    return torch.stack(values), [*model.parameters()], *states
+    return torch.stack(values), [*model.parameters()], [modules[name].state_dict() for name in names]
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_losses_train_as_eager(backend):
+@pytest.mark.parametrize(
+    "backend, names, steps",
+    [("aot_eager_decomp_partition", ("bank", "queue", "cross_batch"), 4), ("inductor", ("bank",), 3)],
+)
+def test_compiled_losses_train_as_eager(backend, names, steps):
     torch._dynamo.reset()
-    eager, compiled = train(None), train(backend)
+    eager, compiled = train(None, names, steps), train(backend, names, steps)
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
     for got, expected in zip(compiled[1], eager[1]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for got, expected in zip(compiled[2:], eager[2:]):
+    for got, expected in zip(compiled[2], eager[2]):
+        assert got.keys() == expected.keys()
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)

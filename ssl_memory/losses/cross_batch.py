@@ -330,6 +330,8 @@ class CrossBatchLoss(CheckedLoad):
         if values:
             check_values("embeddings", embeddings)
 
+    # Eager under torch.compile, as Queue._filled: a host copy keyed by the buffer's data pointer.
+    @torch.compiler.disable
     def _memory_on(self) -> bool:
         """Whether the warm-up is over, from a host copy of ``step`` (read from the buffer only when it changed)."""
         key = (self.step.data_ptr(), self.step._version)
@@ -343,6 +345,7 @@ class CrossBatchLoss(CheckedLoad):
             self.queue.write(embeddings, labels, gather=True, error=error)
         agree(error, self.step.device)
 
+    @torch.compiler.disable
     def _write(
         self, unit: torch.Tensor, labels: torch.Tensor, memory_on: bool, counts: list[int] | None = None
     ) -> None:

@@ -247,10 +247,14 @@ class MemoryBankLoss(CheckedLoad):
             counters["merger.epochs_seen"] = seen
         return counters
 
+    # Eager under torch.compile (as the queue losses' writes and _group_members): host bookkeeping,
+    # collectives and the merger, which dynamo would split into many small graphs recompiled as they change.
+    @torch.compiler.disable
     def _write(self, unit: torch.Tensor, indices: torch.Tensor, counts: list[int] | None = None) -> Any:
         self.memory.write(indices, unit, gather=True, error=None, counts=counts, agreed=self._counters())
         return self.merger.step(self.memory) if self.merger is not None else None
 
+    @torch.compiler.disable
     def _group_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
         """Entries sorted by group, for each entry where its group starts and how many it has, and the largest group.
 

@@ -193,6 +193,7 @@ class QueueLoss(CheckedLoad):
         if values:
             check_values("query, key", query, key, indices=indices)
 
+    @torch.compiler.disable
     def _enqueue(
         self, unit_keys: torch.Tensor, indices: torch.Tensor | None, counts: list[int] | None = None
     ) -> None:
