@@ -200,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--broadcast-memory", action="store_true", help="leave the bank in DDP's buffer broadcast")
     parser.add_argument("--checkpoint-dir", default="checkpoints/lightning", help="Lightning checkpoints (last.ckpt)")
     parser.add_argument("--resume", default=None, help="a checkpoint to continue from (trainer.fit(ckpt_path=...))")
+    parser.add_argument("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint (epoch=N-*.ckpt)")
     parser.add_argument("--dump", default=None, help="a folder for each rank's final memory state (for tests)")
     # a 2-epoch smoke network has no near-duplicates yet: ratio 1 turns the test off so that merging runs
     return helpers.smoke(parser.parse_args(argv), batch_size=16, knn_k=20, merge_ratio=1.0)
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[
             SeedPerRank(args.seed),
             MemoryChecksums(args.dump),
-            pl.callbacks.ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True),
+            pl.callbacks.ModelCheckpoint(
+                dirpath=args.checkpoint_dir, save_last=True, save_top_k=-1 if args.keep_epochs else 1
+            ),
         ],
         logger=False,
         enable_progress_bar=not args.smoke,
