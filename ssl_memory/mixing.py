@@ -50,7 +50,8 @@ class HardNegativeMixer(nn.Module):
         num_hard: K, the number of hardest negatives each query mixes from.
         num_mix: number of pair mixes per query (MoCHi's s).
         num_query_mix: number of query mixes per query (MoCHi's s').
-        generator: a ``torch.Generator`` on the queries' device, for reproducible draws.
+        generator: a ``torch.Generator`` on the queries' device, for reproducible draws (one on another
+            device raises ``ValueError``).
 
     Shape:
         - query: (B, D)
@@ -92,6 +93,14 @@ class HardNegativeMixer(nn.Module):
         r = max(2, math.ceil((1 + math.sqrt(1 + 8 * self.num_mix)) / 2))
         return max(1, min(r, available))
 
+    def check_generator(self, device: torch.device | str) -> None:
+        """Raise ``ValueError`` unless ``generator`` (if any) draws on ``device``'s type, the queries' device."""
+        if self.generator is not None and self.generator.device.type != torch.device(device).type:
+            raise ValueError(
+                f"generator is on {self.generator.device} but the queries are on {device}: the mixer draws on the "
+                f"queries' device, so pass a torch.Generator(device={torch.device(device).type!r})"
+            )
+
     # Eager under torch.compile: dynamo cannot pass a torch.Generator to its graph, and would break at each draw.
     @torch.no_grad()
     @torch.compiler.disable
@@ -104,6 +113,7 @@ class HardNegativeMixer(nn.Module):
         """
         check_matrix("query", query)
         check_matrix("negatives", negatives, query.shape[1], rows="M")
+        self.check_generator(query.device)
         num_queries, num_negatives = query.shape[0], negatives.shape[0]
         if logits is None:
             logits = query @ negatives.to(query.dtype).T

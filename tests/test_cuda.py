@@ -107,9 +107,11 @@ def test_the_mixer_draws_with_its_generator_on_the_device_and_leaves_the_queue_a
     if DEVICE.type != "cpu":  # a generator on CPU cannot draw on the device: refused before the queue is written
         criterion.mixer.generator = torch.Generator().manual_seed(0)
         before = snapshot(criterion)
-        with pytest.raises(RuntimeError, match="generator"):
+        with pytest.raises(ValueError, match="generator is on cpu but the queries are on cuda"):
             step()
         assert_unchanged(criterion, before)
+        with pytest.raises(ValueError, match="generator is on cpu"):
+            criterion.mixer(F.normalize(embeddings.detach(), dim=1), criterion.queue.features)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="torch.cuda.set_sync_debug_mode is a CUDA facility")

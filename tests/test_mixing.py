@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_memory import HardNegativeMixer
+from ssl_memory import HardNegativeMixer, QueueLoss
 
 
 def disjoint_setup(num_queries=4, per_query=4, extra=8):
@@ -229,3 +229,22 @@ def test_each_query_mix_takes_a_uniform_negative_among_the_available_hardest(mas
     counts = torch.bincount(m, minlength=12)[hardest].float()
     expected = m.numel() / len(hardest)
     assert (counts - expected).abs().max() < 0.08 * expected
+
+
+def test_a_generator_on_another_device_than_the_queries_is_refused_naming_both():
+    """torch draws on the queries' device; a generator elsewhere is named before anything is drawn ("meta" stands
+    for an accelerator here, where torch would itself accept the CPU generator)."""
+    mixer = HardNegativeMixer(4, 2, 1, generator=torch.Generator())
+    query, negatives = torch.randn(3, 8, device="meta"), torch.randn(10, 8, device="meta")
+    with pytest.raises(ValueError, match=r"generator is on cpu but the queries are on meta.*Generator\(device='meta'\)"):
+        mixer(query, negatives)
+    HardNegativeMixer(4, 2, 1)(query, negatives)  # without a generator torch's default one for the device draws
+
+
+def test_the_queue_loss_refuses_its_mixers_generator_on_another_device_in_its_checks():
+    """Raised by QueueLoss's input checks, whose verdict every rank shares (tests/test_distributed.py) before anything
+    is read or written: on "meta" the queue cannot even be read, so an error from the mixer's draw would be torch's."""
+    criterion = QueueLoss(size=8, dim=4, mixer=HardNegativeMixer(4, 2, 1, generator=torch.Generator())).to("meta")
+    query = torch.randn(3, 4, device="meta")
+    with pytest.raises(ValueError, match="generator is on cpu but the queries are on meta"):
+        criterion(query, query)

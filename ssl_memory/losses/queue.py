@@ -190,6 +190,9 @@ class QueueLoss(CheckedLoad):
             raise ValueError("query must hold at least one row, got shape (0, D)")
         if indices is not None:
             check_index_vector("indices", indices, query.shape[0], device)
+        check_generator = getattr(self.mixer, "check_generator", None)
+        if check_generator is not None:  # here, so that every rank raises it before anything is written
+            check_generator(device)
         if values:
             check_values("query, key", query, key, indices=indices)
 
