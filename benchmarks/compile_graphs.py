@@ -24,10 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from provenance import provenance
 from torch._dynamo.utils import counters
 
-from ssl_memory import CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, QueueLoss
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.provenance import provenance  # noqa: E402
+from ssl_memory import CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, QueueLoss  # noqa: E402
 
 DIM, BATCH = 8, 6  # BATCH samples a step, two views each
 
