@@ -27,7 +27,8 @@ from benchmarks.encoders import DigitCNN, ResNet18, SignalCNN
 from benchmarks.methods import MemoryBankMethod, build_method, views_of
 from benchmarks.quality_settings import Settings, workers_for
 from ssl_memory import MultiAugCollate, WithIndex
-from ssl_memory.evaluation import knn_accuracy, retrieval_metrics
+from ssl_memory.evaluation import knn_accuracy
+from ssl_memory.retrieval import retrieval_metrics
 
 Job = tuple[str, str, int]  # (method, protocol, seed)
 # Samples whose views' agreement is measured at the end (the first ones of the training split).

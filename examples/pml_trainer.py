@@ -30,8 +30,8 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from torch.utils.data import TensorDataset
 
 from ssl_memory import MultiAugCollate, WithIndex
-from ssl_memory.evaluation import RetrievalCalculator
 from ssl_memory.pml import CrossBatchMemory, HardNegativeMiner
+from ssl_memory.retrieval import RetrievalCalculator
 
 # PML's trainer formats its loss tensor for its progress bar, which makes torch warn; nothing is wrong
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")

@@ -7,7 +7,7 @@ The public API is what this module exports; the pytorch-metric-learning layer li
 from .bank import MemoryBank
 from .data import MultiAugCollate, WithIndex
 from .distributed import DistributedInputError, MemoryDivergenceError
-from .evaluation import RetrievalCalculator, knn_accuracy, knn_predict, retrieval_metrics
+from .evaluation import knn_accuracy, knn_predict
 from .losses import ConsistencyLoss, CrossBatchLoss, MemoryBankLoss, QueueLoss, ShardedMemoryBankLoss
 from .merging import MergeReport, NeighbourMerger
 from .mixing import HardNegativeMixer
@@ -58,3 +58,15 @@ __all__ = [
     "MemoryDivergenceError",
 ]
 __version__ = "0.2.0"
+
+# Loaded at first use: the retrieval metrics import pytorch-metric-learning, scipy and scikit-learn, about
+# as long to import as the rest of the package, in every process that imports it (DDP ranks, workers).
+_LAZY = {"RetrievalCalculator": "retrieval", "retrieval_metrics": "retrieval"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

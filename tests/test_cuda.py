@@ -24,8 +24,9 @@ from test_merging import bank_with, clustered, merged_groups, merger
 from test_syncs import BATCH, DIM, EXPECTED, SIZE, make_case
 
 from ssl_memory import HardNegativeMixer, MemoryBank, MemoryBankLoss, pml
-from ssl_memory.evaluation import knn_accuracy, knn_predict, retrieval_metrics
+from ssl_memory.evaluation import knn_accuracy, knn_predict
 from ssl_memory.neighbours import FaissFlatSearch, TorchSearch, make_search
+from ssl_memory.retrieval import retrieval_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is available)")
 

@@ -1,6 +1,8 @@
 """ssl_memory.evaluation against brute-force references written as plain loops."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssl_memory import MemoryBank
-from ssl_memory.evaluation import RetrievalCalculator, knn_accuracy, knn_predict, retrieval_metrics
+from ssl_memory.evaluation import knn_accuracy, knn_predict
+from ssl_memory.retrieval import RetrievalCalculator, retrieval_metrics
 
 
 def cosine(a, b):
@@ -278,3 +281,22 @@ def test_huge_label_ids_are_remapped_not_tabled():
 def test_empty_inputs_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_the_package_imports_pml_only_when_the_retrieval_metrics_are_used():
+    code = (
+        "import sys, ssl_memory\n"
+        "assert 'pytorch_metric_learning' not in sys.modules, 'imported at import'\n"
+        "from ssl_memory import RetrievalCalculator, retrieval_metrics\n"
+        "from ssl_memory import retrieval\n"
+        "assert (RetrievalCalculator, retrieval_metrics) == (retrieval.RetrievalCalculator, retrieval.retrieval_metrics)\n"
+        "assert set(ssl_memory.__all__) <= set(dir(ssl_memory)) | set(ssl_memory._LAZY)\n"
+        "try:\n"
+        "    ssl_memory.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
