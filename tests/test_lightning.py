@@ -45,20 +45,25 @@ def reference(writes: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> MemoryBa
     return criterion
 
 
-@pytest.mark.parametrize(
-    "options, broadcast",
-    [(["--precision", "bf16-mixed", "--accumulate-grad-batches", "2"], False), (["--broadcast-memory"], True)],
-    ids=["bf16-accumulate-memory-out-of-broadcast", "memory-in-broadcast"],
-)
-def test_lightning_ddp_ranks_hold_the_memory_of_one_process_fed_the_same_global_batches(tmp_path, options, broadcast):
+def launch(folder, *options):
+    """examples/lightning_bank.py on 2 gloo processes (smoke sizes): checkpoints and each rank's final state in ``folder``."""
     command = [sys.executable, "examples/lightning_bank.py", "--smoke", "--devices", "2", "--strategy", "ddp",
-               "--accelerator", "cpu", "--checkpoint-dir", str(tmp_path / "ckpt"), "--dump", str(tmp_path), *options]
+               "--accelerator", "cpu", "--checkpoint-dir", str(folder), "--dump", str(folder), *options]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory checksums agree on every rank" in result.stdout, result.stdout[-2000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert ("criterion.memory.features" in ranks[0]["ddp_ignored"]) is not broadcast
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
+
+@pytest.fixture(scope="module")
+def broadcast_run(tmp_path_factory):
+    """One run with the memory left in DDP's buffer broadcast, each epoch's checkpoint kept (two tests read it)."""
+    folder = tmp_path_factory.mktemp("broadcast")
+    return folder, launch(folder, "--broadcast-memory", "--keep-epochs")
+
+
+def assert_ranks_hold_the_memory_of_one_process(ranks, broadcast):
+    assert ("criterion.memory.features" in ranks[0]["ddp_ignored"]) is not broadcast
     expected = reference([rank["writes"] for rank in ranks])
     for rank in ranks:
         for name, value in expected.state_dict().items():
@@ -69,6 +74,16 @@ def test_lightning_ddp_ranks_hold_the_memory_of_one_process_fed_the_same_global_
     assert int(ranks[0]["criterion"]["memory.samples_written"]) == SMOKE_EPOCHS * SMOKE_SAMPLES
     assert [report["epoch"] for report in ranks[0]["history"]] == [1.0, 2.0]
     assert ranks[0]["history"][-1]["entries_in_merged_groups"] > 0
+
+
+def test_lightning_ddp_ranks_in_bf16_with_accumulation_hold_the_memory_of_one_process(tmp_path):
+    """The memory out of DDP's buffer broadcast (the example's default), bf16-mixed, 2 batches accumulated."""
+    ranks = launch(tmp_path, "--precision", "bf16-mixed", "--accumulate-grad-batches", "2")
+    assert_ranks_hold_the_memory_of_one_process(ranks, broadcast=False)
+
+
+def test_lightning_ddp_ranks_with_the_memory_in_the_broadcast_hold_the_memory_of_one_process(broadcast_run):
+    assert_ranks_hold_the_memory_of_one_process(broadcast_run[1], broadcast=True)
 
 
 def test_lightning_resume_continues_as_the_uninterrupted_run(tmp_path, threads):
@@ -116,23 +131,16 @@ def test_lightning_helper_lists_exactly_the_memory_buffers_for_ddp_to_skip():
         exclude_from_buffer_broadcast(model, torch.nn.Linear(2, 2))
 
 
-def test_lightning_ddp_resume_continues_as_the_uninterrupted_run_on_both_ranks(tmp_path):
+def test_lightning_ddp_resume_continues_as_the_uninterrupted_run_on_both_ranks(broadcast_run, tmp_path):
     """2 gloo processes resumed from the checkpoint the uninterrupted run wrote after its first epoch (as if
     killed during the second): each rank's losses and memory are the uninterrupted run's (each rank's RNG
     state travels in the checkpoint)."""
-    ddp = ["--smoke", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"]
-
-    def run(name, *options):
-        command = [sys.executable, "examples/lightning_bank.py", *ddp, "--checkpoint-dir", str(tmp_path / name), *options]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    run("whole", "--epochs", "2", "--keep-epochs", "--dump", str(tmp_path / "whole"))
-    (first_epoch,) = (tmp_path / "whole").glob("epoch=0-*.ckpt")
-    run("resumed", "--epochs", "2", "--resume", str(first_epoch), "--dump", str(tmp_path / "resumed"))
+    folder, _ = broadcast_run
+    (first_epoch,) = folder.glob("epoch=0-*.ckpt")
+    launch(tmp_path, "--broadcast-memory", "--resume", str(first_epoch))
     for rank in range(2):
-        whole = torch.load(tmp_path / f"whole/rank{rank}.pt", weights_only=False)
-        resumed = torch.load(tmp_path / f"resumed/rank{rank}.pt", weights_only=False)
+        whole = torch.load(folder / f"rank{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         steps = len(resumed["losses"])
         assert 0 < steps < len(whole["losses"])
         torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(whole["losses"][-steps:]))
