@@ -9,6 +9,8 @@ Retrieval metrics on unseen classes are in :mod:`ssl_memory.retrieval`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -169,3 +171,17 @@ def knn_accuracy(
     query_compact, gallery_compact = compact[: query.shape[0]], compact[query.shape[0] :]
     scores = knn_predict(query, gallery, gallery_compact, k, temperature, ids.numel(), chunk_size)
     return (scores.argmax(1).cpu() == query_compact).float().mean().item()
+
+
+def __getattr__(name: str):
+    # moved to ssl_memory.retrieval (d436351) so that importing the package does not import PML; the old path warns
+    if name in ("RetrievalCalculator", "retrieval_metrics"):
+        warnings.warn(
+            f"ssl_memory.evaluation.{name} moved to ssl_memory.retrieval (also exported by ssl_memory)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from . import retrieval
+
+        return getattr(retrieval, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -300,3 +300,14 @@ def test_the_package_imports_pml_only_when_the_retrieval_metrics_are_used():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["RetrievalCalculator", "retrieval_metrics"])
+def test_the_old_path_of_the_retrieval_metrics_still_works_with_a_deprecation_warning(name):
+    import ssl_memory.evaluation as evaluation
+    import ssl_memory.retrieval as retrieval
+
+    with pytest.warns(DeprecationWarning, match=f"ssl_memory.evaluation.{name} moved to ssl_memory.retrieval"):
+        assert getattr(evaluation, name) is getattr(retrieval, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = evaluation.no_such_name
