@@ -59,14 +59,12 @@ __all__ = [
 ]
 __version__ = "0.2.0"
 
+
 # Loaded at first use: the retrieval metrics import pytorch-metric-learning, scipy and scikit-learn, about
 # as long to import as the rest of the package, in every process that imports it (DDP ranks, workers).
-_LAZY = {"RetrievalCalculator": "retrieval", "retrieval_metrics": "retrieval"}
-
-
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name in ("RetrievalCalculator", "retrieval_metrics"):
+        from . import retrieval
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(retrieval, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
