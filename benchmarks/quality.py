@@ -30,7 +30,7 @@ what the round searched) and the planted precision (share of the pairs sharing a
 copies of one origin); and the views' mean pairwise KL at the end.
 
 ``--plant-duplicates F`` appends one near-copy of a random F of the training samples of each
-protocol (``benchmarks/datasets.py``'s ``perturb``: a shift of up to 1 pixel or sample, brightness
+protocol (``benchmarks/datasets.py``'s ``perturb``: a shift of up to half a pixel or one sample, brightness
 x0.9-1.1, noise, a small erased patch); the seen protocol's gallery stays the original train split.
 The full method's rounds search the encoder's embeddings of the unaugmented training samples
 (``--merge-search clean``) with the ratio test at ``--merge-ratio`` 0.75; with planted copies the
