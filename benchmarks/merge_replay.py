@@ -6,7 +6,8 @@ Run from the repository root::
 
 One ``full`` run of the quality harness (its settings for the data set, 15% of the training samples
 given a planted near-copy, one seed, seen classes) is trained and, at each of its merge rounds, the
-encoder's embeddings of the unaugmented samples and the bank rows are kept. Each criterion of
+encoder's embeddings of the unaugmented samples, its backbone features of them (before the projection
+head) and the bank rows are kept. Each criterion of
 :data:`CRITERIA` then replays every round from no groups, a :class:`~ssl_memory.NeighbourMerger` with
 the harness's caps and schedule merging the kept tensors: what merges differs, what is searched does
 not (merging feeds back into training, which a replay leaves out). Per criterion: the reachable
@@ -45,7 +46,8 @@ from benchmarks.sweep import validation_split  # noqa: E402
 from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
 # (name, NeighbourMerger arguments): the embeddings alone at three ratios, with a smaller group cap,
-# confirmed by the bank rows, and the harness's criterion with a larger per-round share.
+# confirmed by the bank rows, the harness's criterion with a larger per-round share, and rounds that
+# search the backbone's features instead ("search", not a merger argument: which kept tensor to search).
 CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("embeddings, ratio 0.75", {"ratio": 0.75}),
     ("embeddings, ratio 0.8", {"ratio": 0.8}),
@@ -61,12 +63,15 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         "embeddings 0.85, bank 0.8, every passing pair",
         {"ratio": 0.85, "bank_ratio": 0.8, "initial_share": 1.0, "max_share": 1.0},
     ),
+    ("backbone 0.85, confirmed by bank 0.8", {"search": "backbone", "ratio": 0.85, "bank_ratio": 0.8}),
+    ("backbone 0.8, confirmed by bank 0.8", {"search": "backbone", "ratio": 0.8, "bank_ratio": 0.8}),
+    ("backbone 0.8, confirmed by bank 0.7", {"search": "backbone", "ratio": 0.8, "bank_ratio": 0.7}),
 )
 PLANTED = 0.15
 
 
 def record(dataset: str, seed: int) -> dict[str, Any]:
-    """Train ``full`` once; keep each round's searched embeddings and bank rows, the planted pairs and labels."""
+    """Train ``full`` once; keep each round's embeddings, backbone features and bank rows, the planted pairs, labels."""
     base = "mnist5k" if dataset == "mnist5k-val" else dataset
     options = {"methods": ("full",), "protocols": ("seen",), "seeds": (seed,), "plant_duplicates": PLANTED}
     settings = resolve(base, False, options)
@@ -76,8 +81,8 @@ def record(dataset: str, seed: int) -> dict[str, Any]:
         data = validation_split(data, 0.2)
     rounds: list[dict[str, Any]] = []
 
-    def keep(epoch: int, searched: torch.Tensor, bank: torch.Tensor) -> None:
-        rounds.append({"epoch": epoch, "embeddings": searched.clone(), "bank": bank.clone()})
+    def keep(epoch: int, spaces: dict[str, torch.Tensor]) -> None:
+        rounds.append({"epoch": epoch, **{name: value.clone() for name, value in spaces.items()}})
 
     run = run_job(settings, ("full", "seen", seed), data, on_round=keep)
     train, pairs = plant_duplicates(data.train, PLANTED, data.kind, seed=seed)
@@ -153,7 +158,11 @@ def merged_input_distances(groups: torch.Tensor, pairs: torch.Tensor, x: torch.T
 
 
 def replay(recorded: dict[str, Any], arguments: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every recorded round merged again by a merger with the harness's caps and ``arguments``."""
+    """Every recorded round merged again by a merger with the harness's caps and ``arguments``.
+
+    ``arguments["search"]`` names the kept tensor a round searches (default ``"embeddings"``); the rest
+    go to :class:`~ssl_memory.NeighbourMerger`.
+    """
     return replay_with_groups(recorded, arguments)[0]
 
 
@@ -164,13 +173,15 @@ def replay_with_groups(
     method, pairs, labels = recorded["settings"].method, recorded["pairs"], recorded["labels"]
     n = len(labels)
     cap = max(method.merge_cap, min(1.0, 2 * len(pairs) / n + 0.05))  # the harness's cap with planted copies
+    arguments = dict(arguments)
+    search = arguments.pop("search", "embeddings")
     merger = NeighbourMerger(max_merged_share=cap, backend="torch", **arguments)
     bank = MemoryBank(n, recorded["rounds"][0]["bank"].shape[1])
     out = []
     for kept in recorded["rounds"]:
         bank.features.copy_(kept["bank"])
-        report = merger.merge(bank, kept["embeddings"])
-        found = planted_metrics(bank.groups, labels, pairs, F.normalize(kept["embeddings"].float(), dim=1))
+        report = merger.merge(bank, kept[search])
+        found = planted_metrics(bank.groups, labels, pairs, F.normalize(kept[search].float(), dim=1))
         out.append({"epoch": kept["epoch"], "pairs_merged": report.pairs_merged, **found})
     if "x" in recorded:
         out[-1]["input"] = merged_input_distances(bank.groups, pairs, recorded["x"], recorded["input"]["copy"])

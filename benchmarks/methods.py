@@ -151,13 +151,13 @@ class Method(nn.Module):
 class MemoryBankMethod(Method):
     """NPID and Bulat et al.'s changes: ``MemoryBankLoss`` with views, consistency and a merger.
 
-    With ``merge`` the method steps a ``NeighbourMerger`` after every loss, handing it (when
-    ``settings.merge_search`` is ``"clean"``) a function that embeds ``inputs``, the unaugmented
-    training samples, with the encoder in eval mode: a round then searches those embeddings, not the
-    momentum-averaged bank rows. With ``known`` pairs (the oracle) they are joined into the bank's
-    groups at the start and no round runs. ``merges`` lists one record per merge round: the epoch it
-    ran in (1-based), the merger's report, :func:`merge_precision` and :func:`planted_metrics` of the
-    groups right after the round.
+    With ``merge`` the method steps a ``NeighbourMerger`` after every loss, handing it (unless
+    ``settings.merge_search`` is ``"bank"``) a function that embeds ``inputs``, the unaugmented
+    training samples, with the encoder in eval mode: a round then searches those embeddings (or, with
+    ``"backbone"``, the features before the projection head), not the momentum-averaged bank rows.
+    With ``known`` pairs (the oracle) they are joined into the bank's groups at the start and no round
+    runs. ``merges`` lists one record per merge round: the epoch it ran in (1-based), the merger's
+    report, :func:`merge_precision` and :func:`planted_metrics` of the groups right after the round.
     """
 
     def __init__(
@@ -171,7 +171,7 @@ class MemoryBankMethod(Method):
         inputs: torch.Tensor | None = None,
         planted: torch.Tensor | None = None,
         known: torch.Tensor | None = None,
-        on_round: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     ) -> None:
         super().__init__(encoder)
         self.views, self.temperature = views, settings.temperature
@@ -212,23 +212,28 @@ class MemoryBankMethod(Method):
         self.criterion.consistency_weight = self.consistency if epoch >= self.consistency_warmup else 0.0
 
     @torch.no_grad()
-    def clean_embeddings(self, batch: int = 1024) -> torch.Tensor:
-        """The encoder's embeddings of the unaugmented training samples, in eval mode (what a clean round searches)."""
+    def embed_inputs(self, features: str = "embedding", batch: int = 1024) -> torch.Tensor:
+        """The unaugmented samples through the encoder in eval mode: its output, or (``"backbone"``) up to its head."""
         was_training = self.encoder.training
         self.encoder.eval()
+        fn = self.encoder.backbone if features == "backbone" else self.encoder
         device = self.criterion.memory.features.device
         x = self.inputs
-        out = torch.cat([self.encoder(x[i : i + batch].to(device)).float() for i in range(0, len(x), batch)])
+        out = torch.cat([fn(x[i : i + batch].to(device)).float() for i in range(0, len(x), batch)])
         self.encoder.train(was_training)
-        self._searched = out
         return out
+
+    def clean_embeddings(self) -> torch.Tensor:
+        """What a clean round searches: :meth:`embed_inputs`, of the backbone when ``merge_search`` says so."""
+        self._searched = self.embed_inputs("backbone" if self.search == "backbone" else "embedding")
+        return self._searched
 
     def loss(self, views: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         loss = self.criterion(self.encoder(views), indices)
         if self.merger is None:
             return loss
         memory = self.criterion.memory
-        clean = self.search == "clean" and self.inputs is not None
+        clean = self.search != "bank" and self.inputs is not None
         report = self.merger.step(memory, embeddings=self.clean_embeddings if clean else None)
         if report is not None:
             searched = self._searched if clean else memory.features
@@ -238,7 +243,8 @@ class MemoryBankMethod(Method):
             }
             self.merges.append({"epoch": self.epoch + 1, "report": dataclasses.asdict(report), **diagnosis})
             if self.on_round is not None:
-                self.on_round(self.epoch + 1, searched, memory.features)
+                spaces = {"embeddings": self.embed_inputs("embedding"), "backbone": self.embed_inputs("backbone")}
+                self.on_round(self.epoch + 1, {**spaces, "bank": memory.features})
         return loss
 
     def log(self) -> dict[str, float]:
@@ -349,14 +355,15 @@ def build_method(
     generator: torch.Generator,
     inputs: torch.Tensor | None = None,
     planted: torch.Tensor | None = None,
-    on_round: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> Method:
     """The method ``name`` around ``encoder``.
 
     ``labels`` (of the training samples) and ``planted`` (the (original, copy) pairs planted in them)
     serve only diagnostics, except for the oracle, which is handed ``planted`` as known groups;
     ``inputs`` are the unaugmented training samples a clean merge round embeds; ``on_round(epoch,
-    searched, bank rows)`` is called after each merge round (``benchmarks/merge_replay.py`` keeps them).
+    spaces)`` is called after each merge round with the clean samples' embeddings and backbone features
+    and the bank rows, by name (``benchmarks/merge_replay.py`` keeps them).
     """
     if name in ("npid", "npid-4v", "npid-4v-cons", "full", ORACLE):
         if name == ORACLE and (planted is None or len(planted) == 0):

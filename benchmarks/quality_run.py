@@ -112,7 +112,7 @@ def run_job(
     job: Job,
     data: DataSet,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    on_round: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``job``'s method with its seed on its protocol's training data; return its history and final metrics.
 

@@ -50,7 +50,9 @@ class MethodSettings:
     merge_warmup: int = setting(10, "epochs before the first merge round (full)")
     merge_interval: int = setting(1, "epochs between merge rounds (full)")
     merge_search: str = setting(
-        "clean", "what a merge round searches: clean (the encoder's embeddings of the unaugmented samples) or bank"
+        "clean",
+        "what a merge round searches: clean (the encoder's embeddings of the unaugmented samples), backbone "
+        "(its features of them before the projection head) or bank",
     )
     merge_ratio: float = setting(
         0.85, "NeighbourMerger's ratio test threshold (chosen with merge_bank_ratio on mnist1d-tune, planted)"
@@ -138,7 +140,7 @@ CHOICES: dict[str, tuple] = {
     "dataset": DATASETS,
     "protocols": PROTOCOLS,
     "methods": ALL_METHODS + (ORACLE,),
-    "merge_search": ("clean", "bank"),
+    "merge_search": ("clean", "backbone", "bank"),
     "head": ("linear", "mlp"),
     "features": ("backbone", "embedding", "both"),
 }

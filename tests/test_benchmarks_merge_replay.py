@@ -102,3 +102,15 @@ def test_a_replay_places_its_merged_pairs_in_the_input_and_draws_them(tmp_path):
     assert "| - |" in table({"criteria": [{"name": "a", "summary": found}]})
     pairs_figure(tmp_path / "pairs.png", groups, recorded["pairs"], x, "signal", count=4)
     assert (tmp_path / "pairs.png").stat().st_size > 0
+
+
+def test_a_replay_searches_the_kept_tensor_its_criterion_names():
+    recorded = recorded_run(rounds=25)
+    gen = torch.Generator().manual_seed(3)
+    for kept in recorded["rounds"]:  # the copies stand apart in the backbone features only
+        kept["backbone"] = kept["embeddings"]
+        kept["embeddings"] = F.normalize(torch.randn(kept["backbone"].shape, generator=gen), dim=1)
+    arguments = {"search": "backbone", "ratio": 0.5}
+    assert summary(replay(recorded, arguments))["planted_recall"] == 1.0
+    assert arguments == {"search": "backbone", "ratio": 0.5}  # the criterion is left as it was
+    assert summary(replay(recorded, {"ratio": 0.5}))["planted_recall"] == 0.0

@@ -321,3 +321,32 @@ def test_a_planted_run_records_every_rounds_figures_and_the_oracle(tmp_path):
     rounds = saved["summary"]["seen"]["full"]["merge_rounds"]
     assert all("planted_precision" in r and "reachable_recall" in r for r in rounds)
     assert "planted precision" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("search", ["clean", "backbone"])
+def test_clean_rounds_search_the_embeddings_or_the_backbone_features_of_the_inputs(search):
+    torch.manual_seed(0)
+    encoder, labels, inputs = SignalCNN(8, 4), torch.arange(20) % 2, torch.randn(20, 40)
+    settings = MethodSettings(dim=8, merge_search=search)
+    full = build_method("full", encoder, labels, 1, settings, torch.Generator(), inputs=inputs)
+    encoder.eval()
+    expected = (encoder.backbone if search == "backbone" else encoder)(inputs)
+    encoder.train()
+    found = full.clean_embeddings()
+    assert found.shape == ((20, 16) if search == "backbone" else (20, 8))
+    assert torch.allclose(found, expected) and encoder.training
+
+
+def test_merge_rounds_hand_on_round_the_embeddings_backbone_features_and_bank_rows(tiny):
+    options = {"epochs": 2, "eval_every": 2, "batch_size": 16, "width": 4, "merge_warmup": 1, "knn_k": 5}
+    settings = resolve("mnist1d", False, options)
+    kept = []
+    quality_run.run_job(settings, ("full", "seen", 0), tiny, on_round=lambda epoch, spaces: kept.append((epoch, spaces)))
+    assert [epoch for epoch, _ in kept] == [1, 2]
+    n = len(protocol_data(tiny, "seen").train)
+    for _, spaces in kept:
+        assert {name: tuple(t.shape) for name, t in spaces.items()} == {
+            "embeddings": (n, settings.method.dim),
+            "backbone": (n, 16),
+            "bank": (n, settings.method.dim),
+        }
