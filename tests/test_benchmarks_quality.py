@@ -350,3 +350,28 @@ def test_merge_rounds_hand_on_round_the_embeddings_backbone_features_and_bank_ro
             "backbone": (n, 16),
             "bank": (n, settings.method.dim),
         }
+
+
+
+def test_planted_image_copies_shift_by_at_most_half_a_pixel():
+    from benchmarks.datasets import perturb
+
+    # A bilinear shift by (sy, sx) pixels makes each pixel a weighted sum of its 3x3 neighbours in the original,
+    # times the brightness: regressing the copy on the 9 shifted originals gives back |sx| and |sy| exactly,
+    # up to the noise, on a textured image (every pixel drawn independently).
+    n = 100
+    x = 0.2 + 0.6 * torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    copy = perturb(x, "image", torch.Generator().manual_seed(1))[:, 0, 2:-2, 2:-2]
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    neighbours = torch.stack([x[:, 0, 2 + dy : 26 + dy, 2 + dx : 26 + dx] for dy, dx in offsets], dim=-1)
+    shifts = []
+    for a, y in zip(neighbours, copy):
+        kept = y > 0  # outside the erased patch
+        w = torch.linalg.lstsq(a[kept], y[kept].unsqueeze(1)).solution[:, 0]
+        total = w.sum()
+        sx = sum(w[k] for k, (_, dx) in enumerate(offsets) if dx != 0) / total
+        sy = sum(w[k] for k, (dy, _) in enumerate(offsets) if dy != 0) / total
+        shifts += [float(sx), float(sy)]
+    shifts = torch.tensor(shifts)
+    assert shifts.max() <= 0.55 and shifts.min() >= -0.05  # at most half a pixel each way (the noise errs by ~0.01)
+    assert (shifts > 0.3).float().mean() > 0.2  # and the copies do move
