@@ -6,9 +6,10 @@
 - :class:`ResNet18`: the CIFAR variant of ResNet-18 (3x3 stem, no max pool), written here because
   torchvision is not a dependency.
 
-Each has ``backbone(x)`` (the pooled features, which the benchmark evaluates, as is usual since
-SimCLR: the projection head specialises in the training task) and ``forward(x) = head(backbone(x))``
-(what the losses train). Outputs are not normalised: the losses normalise, and evaluation normalises.
+Each has ``feature_map(x)`` (the last block's output, before global pooling), ``backbone(x)`` (that map
+pooled, the features the benchmark evaluates, as is usual since SimCLR: the projection head specialises
+in the training task) and ``forward(x) = head(backbone(x))`` (what the losses train). Outputs are not
+normalised: the losses normalise, and evaluation normalises.
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ class SignalCNN(nn.Module):
         )
         self.head = _head(4 * width, dim, head)
 
-    def backbone(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled features before the head, (B, 4 * width): what the benchmark evaluates."""
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output before pooling, (B, 4 * width, ceil(L / 4))."""
         if x.dim() != 2:
             raise ValueError(f"SignalCNN expects signals of shape (B, L), got {tuple(x.shape)}")
-        return self.features(x.unsqueeze(1)).amax(dim=2)
+        return self.features(x.unsqueeze(1))
+
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features before the head, (B, 4 * width): what the benchmark evaluates."""
+        return self.feature_map(x).amax(dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -109,9 +114,13 @@ class DigitCNN(nn.Module):
         )
         self.head = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.ReLU(inplace=True), nn.Linear(4 * width, dim))
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output before pooling, (B, 4 * width, H', W'): 4x4 for 28x28 digits."""
+        return self.features(x)
+
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features before the head, (B, 4 * width)."""
-        return self.features(x).mean(dim=(2, 3))
+        return self.feature_map(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -164,9 +173,13 @@ class ResNet18(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(512, dim)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output before pooling, (B, 512, H / 8, W / 8)."""
+        return self.layers(self.stem(x))
+
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled 512-d features before the last linear layer."""
-        return self.layers(self.stem(x)).mean(dim=(2, 3))
+        return self.feature_map(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.backbone(x))

@@ -7,7 +7,8 @@ Run from the repository root::
 One ``full`` run of the quality harness (its settings for the data set, 15% of the training samples
 given a planted near-copy, one seed, seen classes) is trained and, at each of its merge rounds, the
 encoder's embeddings of the unaugmented samples, its backbone features of them (before the projection
-head) and the bank rows are kept. Each criterion of
+head), its last feature map of them (before global pooling, flattened: ``spatial``) and the bank rows
+are kept. Each criterion of
 :data:`CRITERIA` then replays every round from no groups, a :class:`~ssl_memory.NeighbourMerger` with
 the harness's caps and schedule merging the kept tensors: what merges differs, what is searched does
 not (merging feeds back into training, which a replay leaves out). Per criterion: the reachable
@@ -47,7 +48,8 @@ from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
 # (name, NeighbourMerger arguments): the embeddings alone at three ratios, with a smaller group cap,
 # confirmed by the bank rows, the harness's criterion with a larger per-round share, and rounds that
-# search the backbone's features instead ("search", not a merger argument: which kept tensor to search).
+# search the backbone's features or the flattened last feature map instead ("search", not a merger
+# argument: which kept tensor to search).
 CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("embeddings, ratio 0.75", {"ratio": 0.75}),
     ("embeddings, ratio 0.8", {"ratio": 0.8}),
@@ -66,7 +68,13 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("backbone 0.85, confirmed by bank 0.8", {"search": "backbone", "ratio": 0.85, "bank_ratio": 0.8}),
     ("backbone 0.8, confirmed by bank 0.8", {"search": "backbone", "ratio": 0.8, "bank_ratio": 0.8}),
     ("backbone 0.8, confirmed by bank 0.7", {"search": "backbone", "ratio": 0.8, "bank_ratio": 0.7}),
+    ("spatial, ratio 0.675", {"search": "spatial", "ratio": 0.675}),
+    ("spatial 0.7, confirmed by bank 0.8", {"search": "spatial", "ratio": 0.7, "bank_ratio": 0.8}),
+    ("spatial 0.85, confirmed by bank 0.8", {"search": "spatial", "ratio": 0.85, "bank_ratio": 0.8}),
+    ("spatial 0.9, confirmed by bank 0.8", {"search": "spatial", "ratio": 0.9, "bank_ratio": 0.8}),
 )
+# The kept tensor each of the harness's --merge-search choices searches.
+SEARCHED = {"clean": "embeddings", "backbone": "backbone", "spatial": "spatial", "bank": "bank"}
 PLANTED = 0.15
 
 
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     recorded = record(args.dataset, args.seed)
     method = recorded["settings"].method
     harness = {"ratio": method.merge_ratio, "bank_ratio": method.merge_bank_ratio or None}
+    if method.merge_search != "clean":
+        harness = {"search": SEARCHED[method.merge_search], **harness}
     criteria, harness_groups = [], None
     for name, arguments in CRITERIA:
         rounds, groups = replay_with_groups(recorded, arguments)

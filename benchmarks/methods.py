@@ -154,7 +154,8 @@ class MemoryBankMethod(Method):
     With ``merge`` the method steps a ``NeighbourMerger`` after every loss, handing it (unless
     ``settings.merge_search`` is ``"bank"``) a function that embeds ``inputs``, the unaugmented
     training samples, with the encoder in eval mode: a round then searches those embeddings (or, with
-    ``"backbone"``, the features before the projection head), not the momentum-averaged bank rows.
+    ``"backbone"``, the features before the projection head; with ``"spatial"``, the encoder's last
+    feature map before global pooling, flattened), not the momentum-averaged bank rows.
     With ``known`` pairs (the oracle) they are joined into the bank's groups at the start and no round
     runs. ``merges`` lists one record per merge round: the epoch it ran in (1-based), the merger's
     report, :func:`merge_precision` and :func:`planted_metrics` of the groups right after the round.
@@ -213,10 +214,18 @@ class MemoryBankMethod(Method):
 
     @torch.no_grad()
     def embed_inputs(self, features: str = "embedding", batch: int = 1024) -> torch.Tensor:
-        """The unaugmented samples through the encoder in eval mode: its output, or (``"backbone"``) up to its head."""
+        """The unaugmented samples through the encoder in eval mode, one row each.
+
+        ``features``: ``"embedding"`` (its output), ``"backbone"`` (up to its head) or ``"spatial"`` (its
+        last feature map before pooling, flattened).
+        """
         was_training = self.encoder.training
         self.encoder.eval()
-        fn = self.encoder.backbone if features == "backbone" else self.encoder
+        fn = {
+            "embedding": self.encoder,
+            "backbone": self.encoder.backbone,
+            "spatial": lambda x: self.encoder.feature_map(x).flatten(1),
+        }[features]
         device = self.criterion.memory.features.device
         x = self.inputs
         out = torch.cat([fn(x[i : i + batch].to(device)).float() for i in range(0, len(x), batch)])
@@ -224,8 +233,8 @@ class MemoryBankMethod(Method):
         return out
 
     def clean_embeddings(self) -> torch.Tensor:
-        """What a clean round searches: :meth:`embed_inputs`, of the backbone when ``merge_search`` says so."""
-        self._searched = self.embed_inputs("backbone" if self.search == "backbone" else "embedding")
+        """What a clean round searches: :meth:`embed_inputs` of what ``merge_search`` names (clean: the embedding)."""
+        self._searched = self.embed_inputs("embedding" if self.search == "clean" else self.search)
         return self._searched
 
     def loss(self, views: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -243,7 +252,8 @@ class MemoryBankMethod(Method):
             }
             self.merges.append({"epoch": self.epoch + 1, "report": dataclasses.asdict(report), **diagnosis})
             if self.on_round is not None:
-                spaces = {"embeddings": self.embed_inputs("embedding"), "backbone": self.embed_inputs("backbone")}
+                spaces = {"embeddings": self.embed_inputs("embedding")}
+                spaces.update({name: self.embed_inputs(name) for name in ("backbone", "spatial")})
                 self.on_round(self.epoch + 1, {**spaces, "bank": memory.features})
         return loss
 
@@ -362,8 +372,8 @@ def build_method(
     ``labels`` (of the training samples) and ``planted`` (the (original, copy) pairs planted in them)
     serve only diagnostics, except for the oracle, which is handed ``planted`` as known groups;
     ``inputs`` are the unaugmented training samples a clean merge round embeds; ``on_round(epoch,
-    spaces)`` is called after each merge round with the clean samples' embeddings and backbone features
-    and the bank rows, by name (``benchmarks/merge_replay.py`` keeps them).
+    spaces)`` is called after each merge round with the clean samples' embeddings, backbone features and
+    flattened last feature maps, and the bank rows, by name (``benchmarks/merge_replay.py`` keeps them).
     """
     if name in ("npid", "npid-4v", "npid-4v-cons", "full", ORACLE):
         if name == ORACLE and (planted is None or len(planted) == 0):

@@ -52,7 +52,8 @@ class MethodSettings:
     merge_search: str = setting(
         "clean",
         "what a merge round searches: clean (the encoder's embeddings of the unaugmented samples), backbone "
-        "(its features of them before the projection head) or bank",
+        "(its features of them before the projection head), spatial (its last feature map of them before "
+        "global pooling, flattened) or bank",
     )
     merge_ratio: float = setting(
         0.85, "NeighbourMerger's ratio test threshold (chosen with merge_bank_ratio on mnist1d-tune, planted)"
@@ -118,7 +119,10 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     # Digits: a narrow encoder and 20 epochs keep each table within an hour on 2 cores; crop, batch,
     # temperature, learning rate and kNN k are the validation sweep's choices (benchmarks/sweep.py; the
     # results are in benchmarks/results/sweep/): the crop and k below, the defaults for the rest.
-    "mnist5k": {"width": 16, "epochs": 20, "crop_min": 0.5, "knn_k": 10},
+    # Merge rounds on digits search the last feature map before pooling: pooling keeps what a digit is and
+    # drops where its strokes lie, which is what tells a near-copy from another digit written alike
+    # (chosen on mnist5k-val, planted: benchmarks/results/merge_replay/mnist5k-val).
+    "mnist5k": {"width": 16, "epochs": 20, "crop_min": 0.5, "knn_k": 10, "method": {"merge_search": "spatial"}},
     "clutter5k": {"width": 16, "epochs": 20, "stem_stride": 2, "crop_min": 0.85, "knn_k": 50},
     "cifar10": {"epochs": 200, "batch_size": 256, "workers": 1, "threads": 0},
     "cub200": {"protocols": ("unseen",), "epochs": 100, "batch_size": 128, "workers": 1, "threads": 0},
@@ -140,7 +144,7 @@ CHOICES: dict[str, tuple] = {
     "dataset": DATASETS,
     "protocols": PROTOCOLS,
     "methods": ALL_METHODS + (ORACLE,),
-    "merge_search": ("clean", "backbone", "bank"),
+    "merge_search": ("clean", "backbone", "spatial", "bank"),
     "head": ("linear", "mlp"),
     "features": ("backbone", "embedding", "both"),
 }

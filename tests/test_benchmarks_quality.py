@@ -323,21 +323,39 @@ def test_a_planted_run_records_every_rounds_figures_and_the_oracle(tmp_path):
     assert "planted precision" in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.parametrize("search", ["clean", "backbone"])
-def test_clean_rounds_search_the_embeddings_or_the_backbone_features_of_the_inputs(search):
+@pytest.mark.parametrize("search", ["clean", "backbone", "spatial"])
+def test_clean_rounds_search_the_embeddings_backbone_features_or_feature_maps_of_the_inputs(search):
     torch.manual_seed(0)
     encoder, labels, inputs = SignalCNN(8, 4), torch.arange(20) % 2, torch.randn(20, 40)
     settings = MethodSettings(dim=8, merge_search=search)
     full = build_method("full", encoder, labels, 1, settings, torch.Generator(), inputs=inputs)
     encoder.eval()
-    expected = (encoder.backbone if search == "backbone" else encoder)(inputs)
+    # The map by hand through the blocks, flattened channel by channel, so that a wrong layer or order shows.
+    maps = encoder.features(inputs.unsqueeze(1))
+    expected = {"clean": encoder(inputs), "backbone": maps.amax(dim=2), "spatial": maps.reshape(20, -1)}[search]
     encoder.train()
     found = full.clean_embeddings()
-    assert found.shape == ((20, 16) if search == "backbone" else (20, 8))
+    assert found.shape == {"clean": (20, 8), "backbone": (20, 16), "spatial": (20, 16 * 10)}[search]
     assert torch.allclose(found, expected) and encoder.training
 
 
-def test_merge_rounds_hand_on_round_the_embeddings_backbone_features_and_bank_rows(tiny):
+@pytest.mark.parametrize(
+    "encoder, x, shape",
+    [
+        (SignalCNN(8, 4), torch.randn(3, 40), (3, 16, 10)),
+        (DigitCNN(8, 4), torch.rand(3, 1, 28, 28), (3, 16, 4, 4)),
+        (ResNet18(8), torch.rand(2, 3, 32, 32), (2, 512, 4, 4)),
+    ],
+)
+def test_encoders_backbone_pools_their_feature_map(encoder, x, shape):
+    encoder.eval()
+    found = encoder.feature_map(x)
+    assert found.shape == shape
+    pooled = found.amax(dim=2) if found.dim() == 3 else found.mean(dim=(2, 3))
+    assert torch.allclose(encoder.backbone(x), pooled)
+
+
+def test_merge_rounds_hand_on_round_the_embeddings_backbone_features_maps_and_bank_rows(tiny):
     options = {"epochs": 2, "eval_every": 2, "batch_size": 16, "width": 4, "merge_warmup": 1, "knn_k": 5}
     settings = resolve("mnist1d", False, options)
     kept = []
@@ -348,6 +366,7 @@ def test_merge_rounds_hand_on_round_the_embeddings_backbone_features_and_bank_ro
         assert {name: tuple(t.shape) for name, t in spaces.items()} == {
             "embeddings": (n, settings.method.dim),
             "backbone": (n, 16),
+            "spatial": (n, 16 * 10),
             "bank": (n, settings.method.dim),
         }
 
