@@ -42,7 +42,7 @@ from benchmarks.datasets import load, plant_duplicates  # noqa: E402
 from benchmarks.methods import planted_metrics  # noqa: E402
 from benchmarks.provenance import provenance  # noqa: E402
 from benchmarks.quality_run import run_job  # noqa: E402
-from benchmarks.quality_settings import resolve  # noqa: E402
+from benchmarks.quality_settings import MethodSettings, resolve  # noqa: E402
 from benchmarks.sweep import validation_split  # noqa: E402
 from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
@@ -78,8 +78,16 @@ SEARCHED = {"clean": "embeddings", "backbone": "backbone", "spatial": "spatial",
 PLANTED = 0.15
 
 
+def harness_criterion(method: MethodSettings) -> dict[str, Any]:
+    """The quality harness's criterion for ``method``, written as a row of :data:`CRITERIA` writes it."""
+    criterion = {"ratio": method.merge_ratio, "bank_ratio": method.merge_bank_ratio or None}
+    if method.merge_search != "clean":
+        criterion = {"search": SEARCHED[method.merge_search], **criterion}
+    return criterion
+
+
 def record(dataset: str, seed: int) -> dict[str, Any]:
-    """Train ``full`` once; keep each round's embeddings, backbone features and bank rows, the planted pairs, labels."""
+    """Train ``full`` once; keep each round's searchable tensors (:data:`SEARCHED`), the planted pairs, labels."""
     base = "mnist5k" if dataset == "mnist5k-val" else dataset
     options = {"methods": ("full",), "protocols": ("seen",), "seeds": (seed,), "plant_duplicates": PLANTED}
     settings = resolve(base, False, options)
@@ -276,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     torch.set_num_threads(1)  # the harness's one thread per run, so that replays match its runs
     recorded = record(args.dataset, args.seed)
-    method = recorded["settings"].method
-    harness = {"ratio": method.merge_ratio, "bank_ratio": method.merge_bank_ratio or None}
-    if method.merge_search != "clean":
-        harness = {"search": SEARCHED[method.merge_search], **harness}
+    harness = harness_criterion(recorded["settings"].method)
     criteria, harness_groups = [], None
     for name, arguments in CRITERIA:
         rounds, groups = replay_with_groups(recorded, arguments)

@@ -2,10 +2,13 @@
 
 import itertools
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks.merge_replay import (
+    CRITERIA,
+    harness_criterion,
     input_distances,
     merged_input_distances,
     merged_pairs,
@@ -15,7 +18,7 @@ from benchmarks.merge_replay import (
     summary,
     table,
 )
-from benchmarks.quality_settings import MethodSettings, Settings
+from benchmarks.quality_settings import MethodSettings, Settings, resolve
 
 
 def recorded_run(rounds=3, n=60, copies=6, seed=0, bank_noise=0.0):
@@ -114,3 +117,11 @@ def test_a_replay_searches_the_kept_tensor_its_criterion_names():
     assert summary(replay(recorded, arguments))["planted_recall"] == 1.0
     assert arguments == {"search": "backbone", "ratio": 0.5}  # the criterion is left as it was
     assert summary(replay(recorded, {"ratio": 0.5}))["planted_recall"] == 0.0
+
+
+@pytest.mark.parametrize("dataset", ["mnist1d-tune", "mnist5k"])
+def test_the_harness_criterion_of_each_replayed_data_set_is_one_of_the_rows(dataset):
+    # main() draws pairs.png for the row equal to the harness's criterion: each data set's must be there.
+    criterion = harness_criterion(resolve(dataset, False, {}).method)
+    assert criterion in [arguments for _, arguments in CRITERIA]
+    assert criterion.get("search", "embeddings") == {"mnist1d-tune": "embeddings", "mnist5k": "spatial"}[dataset]
