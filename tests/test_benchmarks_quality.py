@@ -340,19 +340,25 @@ def test_clean_rounds_search_the_embeddings_backbone_features_or_feature_maps_of
 
 
 @pytest.mark.parametrize(
-    "encoder, x, shape",
+    "encoder, last_block, head, x, shape",
     [
-        (SignalCNN(8, 4), torch.randn(3, 40), (3, 16, 10)),
-        (DigitCNN(8, 4), torch.rand(3, 1, 28, 28), (3, 16, 4, 4)),
-        (ResNet18(8), torch.rand(2, 3, 32, 32), (2, 512, 4, 4)),
+        (SignalCNN(8, 4), lambda e: e.features[-1], lambda e: e.head, torch.randn(3, 40), (3, 16, 10)),
+        (DigitCNN(8, 4), lambda e: e.features[-1], lambda e: e.head, torch.rand(3, 1, 28, 28), (3, 16, 4, 4)),
+        (ResNet18(8), lambda e: e.layers[-1], lambda e: e.fc, torch.rand(2, 3, 32, 32), (2, 512, 4, 4)),
     ],
 )
-def test_encoders_backbone_pools_their_feature_map(encoder, x, shape):
+def test_feature_map_is_what_the_forward_pass_pools(encoder, last_block, head, x, shape):
+    # The last block's output, caught by a hook during an ordinary forward pass, is the reference: the
+    # feature map must equal it, and the encoder's output must be its head applied to that map pooled
+    # (max over the signal's length, the mean over an image's positions).
     encoder.eval()
+    caught = []
+    last_block(encoder).register_forward_hook(lambda module, inputs, output: caught.append(output))
+    out = encoder(x)
     found = encoder.feature_map(x)
-    assert found.shape == shape
-    pooled = found.amax(dim=2) if found.dim() == 3 else found.mean(dim=(2, 3))
-    assert torch.allclose(encoder.backbone(x), pooled)
+    assert found.shape == shape and torch.allclose(found, caught[0])
+    pooled = caught[0].amax(dim=2) if caught[0].dim() == 3 else caught[0].mean(dim=(2, 3))
+    assert torch.allclose(out, head(encoder)(pooled), atol=1e-6)
 
 
 def test_merge_rounds_hand_on_round_the_embeddings_backbone_features_maps_and_bank_rows(tiny):
