@@ -48,8 +48,8 @@ from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
 # (name, NeighbourMerger arguments): the embeddings alone at three ratios, with a smaller group cap,
 # confirmed by the bank rows, the harness's criterion with a larger per-round share, and rounds that
-# search the backbone's features or the flattened last feature map instead ("search", not a merger
-# argument: which kept tensor to search).
+# search the backbone's features or the flattened last feature map instead, the latter also with groups
+# of at most 3 ("search", not a merger argument: which kept tensor to search).
 CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("embeddings, ratio 0.75", {"ratio": 0.75}),
     ("embeddings, ratio 0.8", {"ratio": 0.8}),
@@ -72,6 +72,14 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("spatial 0.7, confirmed by bank 0.8", {"search": "spatial", "ratio": 0.7, "bank_ratio": 0.8}),
     ("spatial 0.85, confirmed by bank 0.8", {"search": "spatial", "ratio": 0.85, "bank_ratio": 0.8}),
     ("spatial 0.9, confirmed by bank 0.8", {"search": "spatial", "ratio": 0.9, "bank_ratio": 0.8}),
+    (
+        "spatial 0.9, bank 0.8, groups of at most 3",
+        {"search": "spatial", "ratio": 0.9, "bank_ratio": 0.8, "max_group_size": 3},
+    ),
+    (
+        "spatial 0.875, bank 0.825, groups of at most 3",
+        {"search": "spatial", "ratio": 0.875, "bank_ratio": 0.825, "max_group_size": 3},
+    ),
 )
 # The kept tensor each of the harness's --merge-search choices searches.
 SEARCHED = {"clean": "embeddings", "backbone": "backbone", "spatial": "spatial", "bank": "bank"}
@@ -80,7 +88,7 @@ PLANTED = 0.15
 
 def harness_criterion(method: MethodSettings) -> dict[str, Any]:
     """The quality harness's criterion for ``method``, written as a row of :data:`CRITERIA` writes it."""
-    criterion = {"ratio": method.merge_ratio, "bank_ratio": method.merge_bank_ratio or None}
+    criterion = {"ratio": method.merge_ratio, "bank_ratio": method.merge_bank_ratio or None, **method.merge_kwargs}
     if method.merge_search != "clean":
         criterion = {"search": SEARCHED[method.merge_search], **criterion}
     return criterion

@@ -122,6 +122,8 @@ def test_a_replay_searches_the_kept_tensor_its_criterion_names():
 @pytest.mark.parametrize("dataset", ["mnist1d-tune", "mnist5k"])
 def test_the_harness_criterion_of_each_replayed_data_set_is_one_of_the_rows(dataset):
     # main() draws pairs.png for the row equal to the harness's criterion: each data set's must be there.
-    criterion = harness_criterion(resolve(dataset, False, {}).method)
+    method = resolve(dataset, False, {}).method
+    criterion = harness_criterion(method)
     assert criterion in [arguments for _, arguments in CRITERIA]
+    assert criterion.items() >= method.merge_kwargs.items()  # e.g. mnist5k's groups of at most 3
     assert criterion.get("search", "embeddings") == {"mnist1d-tune": "embeddings", "mnist5k": "spatial"}[dataset]
