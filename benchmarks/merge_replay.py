@@ -5,7 +5,8 @@ Run from the repository root::
     python benchmarks/merge_replay.py --dataset mnist1d-tune --out benchmarks/results/merge_replay/mnist1d-tune
 
 One ``full`` run of the quality harness (its settings for the data set, 15% of the training samples
-given a planted near-copy, one seed, seen classes) is trained and, at each of its merge rounds, the
+given a planted near-copy, one seed, seen classes or with ``--protocol unseen`` the first half of the
+classes) is trained and, at each of its merge rounds, the
 encoder's embeddings of the unaugmented samples, its backbone features of them (before the projection
 head), its last feature map of them (before global pooling, flattened: ``spatial``) and the bank rows
 are kept. Each criterion of
@@ -17,8 +18,9 @@ issue's targets are 0.8 and 0.9), the entries merged, and where the last round's
 input: whether the pairs counted against precision are farther apart than the planted copies, or nearer
 (natural near-duplicates the ground truth does not list).
 
-``mnist5k-val`` is mnist5k's train split less the 20% the validation sweep holds out; no test split is
-read. Outputs in ``--out``: ``results.json`` (command, commit, settings, every criterion's rounds) and
+``mnist5k-val`` is mnist5k's train split less the 20% the validation sweep holds out (with ``--protocol
+unseen``, the first half of the classes of both parts, i.e. of mnist5k's train split); no test split is read.
+Outputs in ``--out``: ``results.json`` (command, commit, settings, every criterion's rounds) and
 ``results.md`` (the table) and ``pairs.png`` (merged pairs of the harness's criterion, drawn).
 """
 
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import quality_report  # noqa: E402
-from benchmarks.datasets import load, plant_duplicates  # noqa: E402
+from benchmarks.datasets import load, plant_duplicates, protocol_data  # noqa: E402
 from benchmarks.methods import planted_metrics  # noqa: E402
 from benchmarks.provenance import provenance  # noqa: E402
 from benchmarks.quality_run import run_job  # noqa: E402
@@ -94,10 +96,14 @@ def harness_criterion(method: MethodSettings) -> dict[str, Any]:
     return criterion
 
 
-def record(dataset: str, seed: int) -> dict[str, Any]:
-    """Train ``full`` once; keep each round's searchable tensors (:data:`SEARCHED`), the planted pairs, labels."""
+def record(dataset: str, seed: int, protocol: str = "seen") -> dict[str, Any]:
+    """Train ``full`` once; keep each round's searchable tensors (:data:`SEARCHED`), the planted pairs, labels.
+
+    ``protocol="unseen"`` trains on the first half of the classes of the train and test splits together; on
+    ``mnist5k-val`` those are the two parts of mnist5k's train split, so no test data is read either way.
+    """
     base = "mnist5k" if dataset == "mnist5k-val" else dataset
-    options = {"methods": ("full",), "protocols": ("seen",), "seeds": (seed,), "plant_duplicates": PLANTED}
+    options = {"methods": ("full",), "protocols": (protocol,), "seeds": (seed,), "plant_duplicates": PLANTED}
     settings = resolve(base, False, options)
     settings = dataclasses.replace(settings, eval_every=settings.epochs)
     data = load(base)
@@ -108,8 +114,8 @@ def record(dataset: str, seed: int) -> dict[str, Any]:
     def keep(epoch: int, spaces: dict[str, torch.Tensor]) -> None:
         rounds.append({"epoch": epoch, **{name: value.clone() for name, value in spaces.items()}})
 
-    run = run_job(settings, ("full", "seen", seed), data, on_round=keep)
-    train, pairs = plant_duplicates(data.train, PLANTED, data.kind, seed=seed)
+    run = run_job(settings, ("full", protocol, seed), data, on_round=keep)
+    train, pairs = plant_duplicates(protocol_data(data, protocol).train, PLANTED, data.kind, seed=seed)
     return {
         "settings": settings,
         "rounds": rounds,
@@ -285,13 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/merge_replay.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="mnist1d-tune", choices=("mnist1d-tune", "mnist5k-val"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--protocol", default="seen", choices=("seen", "unseen"), help="whose run is recorded")
     parser.add_argument("--out", default=None, help="output folder (default: results/merge_replay/<dataset>)")
     args = parser.parse_args(argv)
-    out = Path(args.out or f"results/merge_replay/{args.dataset}")
+    suffix = "" if args.protocol == "seen" else f"-{args.protocol}"
+    out = Path(args.out or f"results/merge_replay/{args.dataset}{suffix}")
     meta = {"command": quality_report.command_line(argv, "benchmarks/merge_replay.py"), "provenance": provenance()}
     start = time.perf_counter()
     torch.set_num_threads(1)  # the harness's one thread per run, so that replays match its runs
-    recorded = record(args.dataset, args.seed)
+    recorded = record(args.dataset, args.seed, args.protocol)
     harness = harness_criterion(recorded["settings"].method)
     criteria, harness_groups = [], None
     for name, arguments in CRITERIA:
@@ -304,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - start,
         "dataset": args.dataset,
         "seed": args.seed,
+        "protocol": args.protocol,
         "settings": dataclasses.asdict(recorded["settings"]),
         "rounds": len(recorded["rounds"]),
         "planted_pairs": len(recorded["pairs"]),
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         f"# Merge criteria replayed on {args.dataset}\n\n`{meta['command']}` at commit "
         f"{meta['provenance']['commit'][:7]}{' (dirty)' if meta['provenance']['dirty'] else ''}: the "
-        f"{result['rounds']} merge rounds of one `full` run (seed {args.seed}, seen classes, "
+        f"{result['rounds']} merge rounds of one `full` run (seed {args.seed}, {args.protocol} classes, "
         f"{result['planted_pairs']} planted pairs), each criterion replayed from no groups.\n\n{table(result)}\n\n"
         f"In the input itself, a copy lies at a median distance of {near['copy']:.2f} from its original, whose "
         f"nearest other sample lies at {near['nearest_other']:.2f}; the copy is its original's nearest sample "

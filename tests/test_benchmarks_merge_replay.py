@@ -127,3 +127,34 @@ def test_the_harness_criterion_of_each_replayed_data_set_is_one_of_the_rows(data
     assert criterion in [arguments for _, arguments in CRITERIA]
     assert criterion.items() >= method.merge_kwargs.items()  # e.g. mnist5k's groups of at most 3
     assert criterion.get("search", "embeddings") == {"mnist1d-tune": "embeddings", "mnist5k": "spatial"}[dataset]
+
+
+@pytest.mark.parametrize("protocol", ["seen", "unseen"])
+def test_a_recording_keeps_the_planted_pairs_and_labels_of_the_protocol_it_trained(monkeypatch, protocol):
+    # The recorded run trains on the protocol's training data plus its copies; the replay must score the same.
+    from benchmarks import merge_replay
+    from benchmarks.datasets import DataSet, Split
+
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> Split:
+        return Split(torch.rand(n, 1, 8, 8, generator=gen), torch.arange(n) % 4)
+
+    data = DataSet("mnist5k", "image", split(40), split(20))
+    seen = {}
+
+    def fake_run_job(settings, job, data_, on_round):
+        seen["job"] = job
+        seen["train"] = merge_replay.protocol_data(data_, job[1]).train
+        return {"final": {}}
+
+    monkeypatch.setattr(merge_replay, "load", lambda name: data)
+    monkeypatch.setattr(merge_replay, "run_job", fake_run_job)
+    recorded = merge_replay.record("mnist5k", 3, protocol)
+    assert seen["job"] == ("full", protocol, 3)
+    expected = {"seen": 40, "unseen": 30}[protocol]  # unseen: classes 0-1 of the 60 samples of both splits
+    assert len(seen["train"]) == expected
+    originals = recorded["pairs"][:, 0]
+    assert len(recorded["labels"]) == expected + len(recorded["pairs"]) and bool((originals < expected).all())
+    assert torch.equal(recorded["labels"][:expected], seen["train"].y)
+    assert torch.equal(recorded["x"][recorded["pairs"][:, 0]], seen["train"].x[originals])
