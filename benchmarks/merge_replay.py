@@ -292,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="mnist1d-tune", choices=("mnist1d-tune", "mnist5k-val"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", default="seen", choices=("seen", "unseen"), help="whose run is recorded")
-    parser.add_argument("--out", default=None, help="output folder (default: results/merge_replay/<dataset>)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: results/merge_replay/<dataset>, -unseen appended for that protocol)",
+    )
     args = parser.parse_args(argv)
     suffix = "" if args.protocol == "seen" else f"-{args.protocol}"
     out = Path(args.out or f"results/merge_replay/{args.dataset}{suffix}")
