@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import merge_replay
+from benchmarks.datasets import DataSet, Split
 from benchmarks.merge_replay import (
     CRITERIA,
     harness_criterion,
@@ -132,9 +134,6 @@ def test_the_harness_criterion_of_each_replayed_data_set_is_one_of_the_rows(data
 @pytest.mark.parametrize("protocol", ["seen", "unseen"])
 def test_a_recording_keeps_the_planted_pairs_and_labels_of_the_protocol_it_trained(monkeypatch, protocol):
     # The recorded run trains on the protocol's training data plus its copies; the replay must score the same.
-    from benchmarks import merge_replay
-    from benchmarks.datasets import DataSet, Split
-
     gen = torch.Generator().manual_seed(0)
 
     def split(n: int) -> Split:
