@@ -49,7 +49,7 @@ from benchmarks.sweep import validation_split  # noqa: E402
 from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
 # (name, NeighbourMerger arguments): the embeddings alone at three ratios, with a smaller group cap,
-# confirmed by the bank rows, the harness's criterion with a larger per-round share, and rounds that
+# confirmed by the bank rows, with a larger per-round share and groups of at most 3, and rounds that
 # search the backbone's features or the flattened last feature map instead, the latter also with groups
 # of at most 3 ("search", not a merger argument: which kept tensor to search).
 CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -63,6 +63,29 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("embeddings 0.85, confirmed by bank 0.8", {"ratio": 0.85, "bank_ratio": 0.8}),
     ("embeddings 0.88, confirmed by bank 0.8", {"ratio": 0.88, "bank_ratio": 0.8}),
     ("embeddings 0.85, bank 0.8, share up to 0.5", {"ratio": 0.85, "bank_ratio": 0.8, "max_share": 0.5}),
+    ("embeddings 0.85, bank 0.8, groups of at most 3", {"ratio": 0.85, "bank_ratio": 0.8, "max_group_size": 3}),
+    (
+        "embeddings 0.85, bank 0.8, groups of at most 3, share 0.25 then 0.5",
+        {
+            "ratio": 0.85,
+            "bank_ratio": 0.8,
+            "max_group_size": 3,
+            "initial_share": 0.25,
+            "share_growth": 0.25,
+            "max_share": 0.5,
+        },
+    ),
+    (
+        "embeddings 0.85, bank 0.8, groups of at most 3, share 0.25 up to 0.75",
+        {
+            "ratio": 0.85,
+            "bank_ratio": 0.8,
+            "max_group_size": 3,
+            "initial_share": 0.25,
+            "share_growth": 0.25,
+            "max_share": 0.75,
+        },
+    ),
     (
         "embeddings 0.85, bank 0.8, every passing pair",
         {"ratio": 0.85, "bank_ratio": 0.8, "initial_share": 1.0, "max_share": 1.0},

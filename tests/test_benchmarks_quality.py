@@ -16,7 +16,7 @@ from benchmarks.augment import ImageAugment, SignalAugment  # noqa: E402
 from benchmarks.datasets import load, load_mnist1d, plant_duplicates, protocol_data, random_templates  # noqa: E402
 from benchmarks.encoders import DigitCNN, ResNet18, SignalCNN  # noqa: E402
 from benchmarks.methods import build_method, merge_precision, mutual_nearest, planted_metrics  # noqa: E402
-from benchmarks.quality_settings import QUICK, MethodSettings, Settings, resolve  # noqa: E402
+from benchmarks.quality_settings import DATASET_SETTINGS, QUICK, MethodSettings, Settings, resolve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,13 @@ def test_settings_layer_defaults_data_set_quick_and_command_line():
     assert MethodSettings().merge_kwargs == {} and MethodSettings().merge_kwargs is not MethodSettings().merge_kwargs
 
 
+def test_mnist1d_runs_the_merge_settings_chosen_on_its_tuning_data():
+    chosen = resolve("mnist1d-tune", False, {}).method
+    assert resolve("mnist1d", False, {}).method == chosen
+    assert resolve("mnist1d", True, {}).method.merge_kwargs == chosen.merge_kwargs  # the quick run's too
+    assert chosen.merge_kwargs["max_group_size"] == 3
+
+
 def every_setting():
     for cls in (Settings, MethodSettings):
         for field in dataclasses.fields(cls):
@@ -172,7 +179,7 @@ def test_results_record_provenance_and_every_setting(tiny_results):
     assert saved["command"].startswith("python benchmarks/quality.py --epochs 2")
     assert saved["settings"]["epochs"] == 2 and saved["settings"]["method"] == {
         **dataclasses.asdict(MethodSettings()), "queue_size": 64, "xbm_size": 64, "mochi_hard": 8, "mochi_mix": 4,
-        "mochi_query_mix": 2, "mochi_warmup": 1, "merge_warmup": 1}
+        "mochi_query_mix": 2, "mochi_warmup": 1, "merge_warmup": 1, **DATASET_SETTINGS["mnist1d"]["method"]}
 
 
 def test_memory_bank_runs_record_merge_rounds_and_the_views_agreement(tiny_results):
