@@ -18,6 +18,11 @@ issue's targets are 0.8 and 0.9), the entries merged, and where the last round's
 input: whether the pairs counted against precision are farther apart than the planted copies, or nearer
 (natural near-duplicates the ground truth does not list).
 
+With ``--plant 0`` the run has no planted copies (``--epochs 70`` gives the sixty rounds of issue 18's
+safety target): every merged pair is a pair of distinct samples, and the table reports per criterion the
+entries merged, the lowest class purity over the rounds, the rounds under 0.95 and the last round's purity.
+``--rows`` replays only the criteria whose name contains one of the given strings.
+
 ``mnist5k-val`` is mnist5k's train split less the 20% the validation sweep holds out (with ``--protocol
 unseen``, the first half of the classes of both parts, i.e. of mnist5k's train split); no test split is read.
 Outputs in ``--out``: ``results.json`` (command, commit, settings, every criterion's rounds) and
@@ -109,6 +114,8 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
 # The kept tensor each of the harness's --merge-search choices searches.
 SEARCHED = {"clean": "embeddings", "backbone": "backbone", "spatial": "spatial", "bank": "bank"}
 PLANTED = 0.15
+# Issue 18's class purity target for runs without planted copies.
+PURITY = 0.95
 
 
 def harness_criterion(method: MethodSettings) -> dict[str, Any]:
@@ -119,14 +126,19 @@ def harness_criterion(method: MethodSettings) -> dict[str, Any]:
     return criterion
 
 
-def record(dataset: str, seed: int, protocol: str = "seen") -> dict[str, Any]:
+def record(
+    dataset: str, seed: int, protocol: str = "seen", planted: float = PLANTED, epochs: int | None = None
+) -> dict[str, Any]:
     """Train ``full`` once; keep each round's searchable tensors (:data:`SEARCHED`), the planted pairs, labels.
 
     ``protocol="unseen"`` trains on the first half of the classes of the train and test splits together; on
     ``mnist5k-val`` those are the two parts of mnist5k's train split, so no test data is read either way.
+    ``planted=0`` records a run without planted copies; ``epochs`` overrides the harness's run length.
     """
     base = "mnist5k" if dataset == "mnist5k-val" else dataset
-    options = {"methods": ("full",), "protocols": (protocol,), "seeds": (seed,), "plant_duplicates": PLANTED}
+    options = {"methods": ("full",), "protocols": (protocol,), "seeds": (seed,), "plant_duplicates": planted}
+    if epochs is not None:
+        options["epochs"] = epochs
     settings = resolve(base, False, options)
     settings = dataclasses.replace(settings, eval_every=settings.epochs)
     data = load(base)
@@ -138,14 +150,16 @@ def record(dataset: str, seed: int, protocol: str = "seen") -> dict[str, Any]:
         rounds.append({"epoch": epoch, **{name: value.clone() for name, value in spaces.items()}})
 
     run = run_job(settings, ("full", protocol, seed), data, on_round=keep)
-    train, pairs = plant_duplicates(protocol_data(data, protocol).train, PLANTED, data.kind, seed=seed)
+    train, pairs = protocol_data(data, protocol).train, torch.zeros(0, 2, dtype=torch.long)
+    if planted > 0:
+        train, pairs = plant_duplicates(train, planted, data.kind, seed=seed)
     return {
         "settings": settings,
         "rounds": rounds,
         "pairs": pairs,
         "labels": train.y,
         "final": run["final"],
-        "input": input_distances(train.x, pairs),
+        "input": input_distances(train.x, pairs) if len(pairs) else None,
         "x": train.x,
         "kind": data.kind,
     }
@@ -236,7 +250,7 @@ def replay_with_groups(
         report = merger.merge(bank, kept[search])
         found = planted_metrics(bank.groups, labels, pairs, F.normalize(kept[search].float(), dim=1))
         out.append({"epoch": kept["epoch"], "pairs_merged": report.pairs_merged, **found})
-    if "x" in recorded:
+    if recorded.get("input"):
         out[-1]["input"] = merged_input_distances(bank.groups, pairs, recorded["x"], recorded["input"]["copy"])
     return out, bank.groups.clone()
 
@@ -244,12 +258,16 @@ def replay_with_groups(
 def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     last = rounds[-1]
     precisions = [r["planted_precision"] for r in rounds if r["planted_precision"] is not None]
+    purities = [r["class_purity"] for r in rounds if r["class_purity"] is not None]
     return {
         "reachable_recall": last["reachable_recall"],
         "planted_recall": last["planted_recall"],
         "lowest_precision": min(precisions, default=None),
         "last_precision": last["planted_precision"],
         "entries_merged": last["entries_merged"],
+        "lowest_class_purity": min(purities, default=None),
+        "last_class_purity": last["class_purity"],
+        "rounds_under_purity": sum(p < PURITY for p in purities),
         **{f"input_{key}": value for key, value in last.get("input", {}).items()},
     }
 
@@ -258,6 +276,19 @@ def table(results: dict[str, Any]) -> str:
     def number(value: float | None, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
+    if not results.get("planted_pairs", 1):  # no planted copies: class purity is all there is to measure
+        lines = [
+            f"| criterion | entries merged, last round | class purity, lowest | rounds under {PURITY} "
+            "| class purity, last |",
+            "|---|---|---|---|---|",
+        ]
+        for row in results["criteria"]:
+            s = row["summary"]
+            lines.append(
+                f"| {row['name']} | {s['entries_merged']} | {number(s['lowest_class_purity'])} | "
+                f"{s['rounds_under_purity']} | {number(s['last_class_purity'])} |"
+            )
+        return "\n".join(lines)
     lines = [
         "| criterion | reachable recall, last round | planted recall | planted precision, lowest | entries merged "
         "| input distance, merged copies / other merged pairs | other merged pairs nearer than a copy |",
@@ -316,20 +347,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--protocol", default="seen", choices=("seen", "unseen"), help="whose run is recorded")
     parser.add_argument(
+        "--plant",
+        type=float,
+        default=PLANTED,
+        help=f"share of the training samples given a planted copy (default {PLANTED}; 0: a run without copies, "
+        "whose table reports class purity)",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the harness's)")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, help="replay only the criteria whose name contains one of these"
+    )
+    parser.add_argument(
         "--out",
         default=None,
-        help="output folder (default: results/merge_replay/<dataset>, -unseen appended for that protocol)",
+        help="output folder (default: results/merge_replay/<dataset>, -unseen appended for that protocol, "
+        "-clean for --plant 0)",
     )
     args = parser.parse_args(argv)
-    suffix = "" if args.protocol == "seen" else f"-{args.protocol}"
+    suffix = ("" if args.protocol == "seen" else f"-{args.protocol}") + ("-clean" if args.plant == 0 else "")
     out = Path(args.out or f"results/merge_replay/{args.dataset}{suffix}")
     meta = {"command": quality_report.command_line(argv, "benchmarks/merge_replay.py"), "provenance": provenance()}
     start = time.perf_counter()
     torch.set_num_threads(1)  # the harness's one thread per run, so that replays match its runs
-    recorded = record(args.dataset, args.seed, args.protocol)
+    recorded = record(args.dataset, args.seed, args.protocol, args.plant, args.epochs)
     harness = harness_criterion(recorded["settings"].method)
     criteria, harness_groups = [], None
     for name, arguments in CRITERIA:
+        if args.rows and not any(part in name for part in args.rows):
+            continue
         rounds, groups = replay_with_groups(recorded, arguments)
         criteria.append({"name": name, "arguments": arguments, "summary": summary(rounds), "rounds": rounds})
         if arguments == harness:
@@ -350,20 +395,29 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     near = result["input_distances"]
-    text = (
+    header = (
         f"# Merge criteria replayed on {args.dataset}\n\n`{meta['command']}` at commit "
         f"{meta['provenance']['commit'][:7]}{' (dirty)' if meta['provenance']['dirty'] else ''}: the "
         f"{result['rounds']} merge rounds of one `full` run (seed {args.seed}, {args.protocol} classes, "
         f"{result['planted_pairs']} planted pairs), each criterion replayed from no groups.\n\n{table(result)}\n\n"
-        f"In the input itself, a copy lies at a median distance of {near['copy']:.2f} from its original, whose "
-        f"nearest other sample lies at {near['nearest_other']:.2f}; the copy is its original's nearest sample "
-        f"for {near['copy_is_nearest']:.0%} of the pairs. The last two columns place the pairs merged by the "
-        "last round in the input: the median distance between merged copies and between the other merged "
-        "pairs, and the share of the other pairs nearer to each other than a copy's median distance to its "
-        "original. `pairs.png` shows a random sample of the pairs the harness's criterion merged.\n"
     )
+    if near is None:
+        text = header + (
+            f"Without planted copies every merged pair is a pair of distinct samples; the class purity of a round is "
+            f"the share of the pairs sharing a group after it that share their class (issue 18: at least {PURITY} "
+            "in every round).\n"
+        )
+    else:
+        text = header + (
+            f"In the input itself, a copy lies at a median distance of {near['copy']:.2f} from its original, whose "
+            f"nearest other sample lies at {near['nearest_other']:.2f}; the copy is its original's nearest sample "
+            f"for {near['copy_is_nearest']:.0%} of the pairs. The last two columns place the pairs merged by the "
+            "last round in the input: the median distance between merged copies and between the other merged "
+            "pairs, and the share of the other pairs nearer to each other than a copy's median distance to its "
+            "original. `pairs.png` shows a random sample of the pairs the harness's criterion merged.\n"
+        )
     (out / "results.md").write_text(text)
-    if harness_groups is not None:
+    if harness_groups is not None and near is not None:
         pairs_figure(out / "pairs.png", harness_groups, recorded["pairs"], recorded["x"], recorded["kind"])
     print("\n" + text)
     print(f"Wrote {out / 'results.json'}, {out / 'results.md'}; took {result['wall_seconds']:.0f} s.")

@@ -157,3 +157,39 @@ def test_a_recording_keeps_the_planted_pairs_and_labels_of_the_protocol_it_train
     assert len(recorded["labels"]) == expected + len(recorded["pairs"]) and bool((originals < expected).all())
     assert torch.equal(recorded["labels"][:expected], seen["train"].y)
     assert torch.equal(recorded["x"][recorded["pairs"][:, 0]], seen["train"].x[originals])
+
+
+def test_a_run_without_planted_copies_is_scored_by_class_purity_round_by_round():
+    # Rows 0-5 are three tight pairs; the pair (2, 3) mixes two classes. Purity after each round, by hand.
+    recorded = recorded_run(rounds=4, n=60, copies=0)
+    x = recorded["rounds"][0]["embeddings"].clone()
+    x[1], x[3], x[5] = x[0] + 0.01, x[2] + 0.01, x[4] + 0.01
+    x = F.normalize(x, dim=1)
+    labels = torch.arange(60) % 5
+    labels[:6] = torch.tensor([0, 0, 1, 2, 3, 3])
+    recorded.update(pairs=torch.zeros(0, 2, dtype=torch.long), labels=labels)
+    recorded["rounds"] = [{"epoch": 10 + r, "embeddings": x, "bank": x} for r in range(4)]
+    rounds = replay(recorded, {"ratio": 0.5, "initial_share": 1.0, "max_share": 1.0})
+    assert [r["class_purity"] for r in rounds] == [2 / 3] * 4 and rounds[0]["planted_precision"] is None
+    found = summary(rounds)
+    assert found["lowest_class_purity"] == 2 / 3 and found["rounds_under_purity"] == 4
+    assert found["last_class_purity"] == 2 / 3 and found["entries_merged"] == 6
+    text = table({"planted_pairs": 0, "criteria": [{"name": "a", "summary": found}]})
+    assert "| a | 6 | 0.667 | 4 | 0.667 |" in text and "reachable" not in text
+
+
+def test_a_recording_without_copies_trains_on_the_data_as_it_is(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    data = DataSet("mnist1d-tune", "signal", Split(torch.rand(40, 16, generator=gen), torch.arange(40) % 4), None)
+    seen = {}
+
+    def fake_run_job(settings, job, data_, on_round):
+        seen["settings"] = settings
+        return {"final": {}}
+
+    monkeypatch.setattr(merge_replay, "load", lambda name: data)
+    monkeypatch.setattr(merge_replay, "run_job", fake_run_job)
+    recorded = merge_replay.record("mnist1d-tune", 0, planted=0.0, epochs=7)
+    assert seen["settings"].plant_duplicates == 0.0 and seen["settings"].epochs == 7
+    assert recorded["pairs"].shape == (0, 2) and recorded["input"] is None
+    assert torch.equal(recorded["labels"], data.train.y)
