@@ -277,31 +277,29 @@ def table(results: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     if not results.get("planted_pairs", 1):  # no planted copies: class purity is all there is to measure
-        lines = [
-            f"| criterion | entries merged, last round | class purity, lowest | rounds under {PURITY} "
-            "| class purity, last |",
-            "|---|---|---|---|---|",
+        header = ["entries merged, last round", "class purity, lowest", f"rounds under {PURITY}", "class purity, last"]
+
+        def cells(s: dict[str, Any]) -> list[Any]:
+            lowest, last = number(s["lowest_class_purity"]), number(s["last_class_purity"])
+            return [s["entries_merged"], lowest, s["rounds_under_purity"], last]
+    else:
+        header = [
+            "reachable recall, last round",
+            "planted recall",
+            "planted precision, lowest",
+            "entries merged",
+            "input distance, merged copies / other merged pairs",
+            "other merged pairs nearer than a copy",
         ]
-        for row in results["criteria"]:
-            s = row["summary"]
-            lines.append(
-                f"| {row['name']} | {s['entries_merged']} | {number(s['lowest_class_purity'])} | "
-                f"{s['rounds_under_purity']} | {number(s['last_class_purity'])} |"
-            )
-        return "\n".join(lines)
-    lines = [
-        "| criterion | reachable recall, last round | planted recall | planted precision, lowest | entries merged "
-        "| input distance, merged copies / other merged pairs | other merged pairs nearer than a copy |",
-        "|---|---|---|---|---|---|---|",
-    ]
+
+        def cells(s: dict[str, Any]) -> list[Any]:
+            distances = f"{number(s.get('input_planted'), 2)} / {number(s.get('input_other'), 2)}"
+            recalls = [number(s["reachable_recall"]), number(s["planted_recall"]), number(s["lowest_precision"])]
+            return [*recalls, s["entries_merged"], distances, number(s.get("input_other_nearer_than_copy"))]
+
+    lines = ["| criterion | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for row in results["criteria"]:
-        s = row["summary"]
-        lines.append(
-            f"| {row['name']} | {number(s['reachable_recall'])} | {number(s['planted_recall'])} | "
-            f"{number(s['lowest_precision'])} | {s['entries_merged']} | "
-            f"{number(s.get('input_planted'), 2)} / {number(s.get('input_other'), 2)} | "
-            f"{number(s.get('input_other_nearer_than_copy'))} |"
-        )
+        lines.append(f"| {row['name']} | " + " | ".join(map(str, cells(row["summary"]))) + " |")
     return "\n".join(lines)
 
 
