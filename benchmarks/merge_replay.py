@@ -92,6 +92,36 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         },
     ),
     (
+        "embeddings 0.85, bank 0.8, groups of at most 3, share 0.05 growing by 0.05 to 0.5",
+        {"ratio": 0.85, "bank_ratio": 0.8, "max_group_size": 3, "max_share": 0.5},
+    ),
+    (
+        "embeddings 0.85, bank 0.8, groups of at most 3, share 0.1 growing by 0.1 to 0.5",
+        {
+            "ratio": 0.85,
+            "bank_ratio": 0.8,
+            "max_group_size": 3,
+            "initial_share": 0.1,
+            "share_growth": 0.1,
+            "max_share": 0.5,
+        },
+    ),
+    (
+        "embeddings 0.8, bank 0.8, groups of at most 3, share 0.25 then 0.5",
+        {
+            "ratio": 0.8,
+            "bank_ratio": 0.8,
+            "max_group_size": 3,
+            "initial_share": 0.25,
+            "share_growth": 0.25,
+            "max_share": 0.5,
+        },
+    ),
+    (
+        "embeddings 0.8, bank 0.8, groups of at most 3, share 0.05 growing by 0.05 to 0.5",
+        {"ratio": 0.8, "bank_ratio": 0.8, "max_group_size": 3, "max_share": 0.5},
+    ),
+    (
         "embeddings 0.85, bank 0.8, every passing pair",
         {"ratio": 0.85, "bank_ratio": 0.8, "initial_share": 1.0, "max_share": 1.0},
     ),
