@@ -434,7 +434,7 @@ class NeighbourMerger(nn.Module):
       rounds, so each round takes a fifth of that: 5% of the passing pairs at first (at least one),
       25% from the fifth round on. A pair must then keep passing until its turn comes, which filters
       chance pairs: in the replay above (ratio 0.85, bank 0.8), a share up to 0.5 raised the reachable
-      recall to 0.90 and lowered the lowest precision to 0.89; every passing pair at once, 0.95 / 0.80.
+      recall to 0.90 and lowered the lowest precision to 0.88; every passing pair at once, 0.95 / 0.79.
     - ``min_similarity=0.5``: a floor under the ratio test, above the nearest-neighbour cosine of
       unrelated 128-d unit vectors (about :math:`\sqrt{2 \ln N / D} \approx 0.47` for N = 1.28M).
     - ``backend="auto"``: exact search below ``faiss_threshold`` rows (faiss's flat index on CPU when
