@@ -54,9 +54,10 @@ from benchmarks.sweep import validation_split  # noqa: E402
 from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
 # (name, NeighbourMerger arguments): the embeddings alone at three ratios, with a smaller group cap,
-# confirmed by the bank rows, with a larger per-round share and groups of at most 3, and rounds that
-# search the backbone's features or the flattened last feature map instead, the latter also with groups
-# of at most 3 ("search", not a merger argument: which kept tensor to search).
+# confirmed by the bank rows, with a larger per-round share and groups of at most 3, pairs passing several
+# rounds in a row before they merge, and rounds that search the backbone's features or the flattened last
+# feature map instead, the latter also with groups of at most 3 ("search", not a merger argument: which kept
+# tensor to search).
 CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ("embeddings, ratio 0.75", {"ratio": 0.75}),
     ("embeddings, ratio 0.8", {"ratio": 0.8}),
@@ -124,6 +125,26 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     (
         "embeddings 0.85, bank 0.8, every passing pair",
         {"ratio": 0.85, "bank_ratio": 0.8, "initial_share": 1.0, "max_share": 1.0},
+    ),
+    (
+        "embeddings 0.85, bank 0.8, groups of at most 3, share 0.05 growing by 0.05 to 0.5, 2 rounds in a row",
+        {"ratio": 0.85, "bank_ratio": 0.8, "max_group_size": 3, "max_share": 0.5, "persistence": 2},
+    ),
+    (
+        "embeddings 0.85, bank 0.8, groups of at most 3, every passing pair, 2 rounds in a row",
+        {"ratio": 0.85, "bank_ratio": 0.8, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 2},
+    ),
+    (
+        "embeddings 0.85, bank 0.8, groups of at most 3, every passing pair, 3 rounds in a row",
+        {"ratio": 0.85, "bank_ratio": 0.8, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 3},
+    ),
+    (
+        "embeddings 0.9, bank 0.85, groups of at most 3, every passing pair, 3 rounds in a row",
+        {"ratio": 0.9, "bank_ratio": 0.85, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 3},
+    ),
+    (
+        "embeddings 0.9, bank 0.85, groups of at most 3, share 0.05 growing by 0.05 to 0.5, 2 rounds in a row",
+        {"ratio": 0.9, "bank_ratio": 0.85, "max_group_size": 3, "max_share": 0.5, "persistence": 2},
     ),
     ("backbone 0.85, confirmed by bank 0.8", {"search": "backbone", "ratio": 0.85, "bank_ratio": 0.8}),
     ("backbone 0.8, confirmed by bank 0.8", {"search": "backbone", "ratio": 0.8, "bank_ratio": 0.8}),

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._validation import check_fraction, check_non_negative_int, check_positive_int
+from ._validation import check_fraction, check_loaded, check_non_negative_int, check_positive_int
 from .distributed import check_agreement, is_distributed, rank
 from .neighbours import NeighbourSearch, check_backend, make_search
 
@@ -49,7 +49,8 @@ class MergeReport:
         candidate_pairs: pairs of mutually nearest groups found this round.
         rejected_by_criterion: candidates within the size cap that failed the ratio test or the
             similarity floor.
-        deferred_by_share: candidates that passed but lay beyond this round's share.
+        deferred_by_share: candidates that passed but wait for a later round: beyond this round's share,
+            or passed fewer than ``persistence`` rounds in a row.
         rejected_by_caps: candidates that would have made a group larger than ``max_group_size``,
             or passed but would have put more than ``max_merged_share`` of the bank in merged groups.
         num_groups: groups after the round (singletons included).
@@ -155,6 +156,7 @@ def distance(features: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
 @dataclass
 class _Round:
     groups: torch.Tensor
+    pending: torch.Tensor
     pairs_merged: int
     weakest_similarity: float
     candidate_pairs: int
@@ -246,6 +248,8 @@ def merge_round(
     min_similarity: float,
     second: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     second_ratio: float = 1.0,
+    persistence: int = 1,
+    pending: torch.Tensor | None = None,
 ) -> _Round:
     """One round from each entry's ``max_group_size`` nearest neighbours outside its group.
 
@@ -253,6 +257,9 @@ def merge_round(
     a :class:`~ssl_memory.neighbours.NeighbourSearch` of ``features`` with ``k = max_group_size``.
     ``second``, ``(features, sims, ids)`` of a second space (the bank rows when a round searches
     embeddings), must confirm each pair: mutually nearest there too, passing at ``second_ratio``.
+    ``pending`` (N, 2): for each group id, the group it passed with in the rounds just before and for
+    how many of them in a row (``-1, 0``: none); a pair merges only once it has passed ``persistence``
+    rounds in a row. The round returns the same table for the next one.
     """
     n = groups.numel()
     device = groups.device
@@ -266,7 +273,13 @@ def merge_round(
         confirmed = other.left[confirmed] * n + other.right[confirmed]
         passes &= torch.isin(left * n + right, confirmed)
     fits = sizes[left] + sizes[right] <= max_group_size
-    eligible = torch.nonzero(passes & fits).squeeze(1)
+    # Rounds in a row this pair has passed, this one included: a matching keys each pair by its left group,
+    # and a group merged in a round is in no other pair of it, so unchanged ids name unchanged groups.
+    streak = torch.ones_like(left)
+    if pending is not None and pending.numel():
+        streak = torch.where(pending[left, 0] == right, pending[left, 1] + 1, streak)
+    streak = streak.clamp(max=persistence)
+    eligible = torch.nonzero(passes & fits & (streak >= persistence)).squeeze(1)
     # Most confident first: the lowest ratio of link to reference, the test's own measure of standing apart.
     confidence = found.d_link / torch.minimum(found.d_left, found.d_right)
     eligible = eligible[torch.argsort(confidence[eligible], stable=True)]
@@ -279,14 +292,20 @@ def merge_round(
 
     relabel = torch.arange(n, device=device)
     relabel[right[accepted]] = left[accepted]  # left < right: the union keeps its smallest member as id
+    waiting = passes & fits
+    waiting[accepted] = False
+    next_pending = torch.tensor([-1, 0], device=device).repeat(n if persistence > 1 else 0, 1)
+    if persistence > 1:
+        next_pending[left[waiting]] = torch.stack([right[waiting], streak[waiting]], dim=1)
     merged_similarity = similarity[accepted]
     return _Round(
         groups=relabel[groups],
+        pending=next_pending,
         pairs_merged=accepted.numel(),
         weakest_similarity=float(merged_similarity.min()) if accepted.numel() else math.nan,
         candidate_pairs=left.numel(),
         rejected_by_criterion=int((fits & ~passes).sum()),
-        deferred_by_share=eligible.numel() - taken.numel(),
+        deferred_by_share=int((passes & fits).sum()) - taken.numel(),
         rejected_by_caps=int((~fits).sum()) + taken.numel() - accepted.numel(),
     )
 
@@ -460,6 +479,8 @@ class NeighbourMerger(nn.Module):
         bank_ratio: with embeddings to search, the ratio test each pair must also pass in the bank rows,
             where it must be mutually nearest too, in (0, 1]; ``None``: the bank rows are not consulted.
             A round that searches the bank rows ignores it.
+        persistence: rounds in a row a pair must pass (the same two groups, mutually nearest, passing every
+            test and within the size cap) before it may merge; 1: the round it first passes.
 
     Shape:
         - ``memory.features``: (N, D); ``memory.groups``: (N,)
@@ -473,6 +494,8 @@ class NeighbourMerger(nn.Module):
     """
 
     epochs_seen: torch.Tensor
+    pending: torch.Tensor
+    optional_state_keys = ("pending",)  # absent from state_dicts saved before persistence existed
 
     def __init__(
         self,
@@ -490,6 +513,7 @@ class NeighbourMerger(nn.Module):
         faiss_threshold: int = 200_000,
         known_groups: KnownGroups | None = None,
         bank_ratio: float | None = None,
+        persistence: int = 1,
     ) -> None:
         super().__init__()
         check_non_negative_int("warmup", warmup)
@@ -510,6 +534,7 @@ class NeighbourMerger(nn.Module):
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
         check_positive_int("faiss_threshold", faiss_threshold)
+        check_positive_int("persistence", persistence)
         check_backend(backend)  # fail on every rank at construction, not inside a collective
         if known_groups is not None:  # checked now (all but the bank size), joined at the first step
             if isinstance(known_groups, torch.Tensor):
@@ -525,7 +550,11 @@ class NeighbourMerger(nn.Module):
         self.min_similarity = min_similarity
         self.bank_ratio = None if bank_ratio is None else float(bank_ratio)
         self.backend, self.chunk_size, self.faiss_threshold = backend, chunk_size, faiss_threshold
+        self.persistence = persistence
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
+        # (N, 2) once a round with persistence > 1 has run: each group's partner in the rounds just before
+        # and how many of them in a row it passed with it (-1, 0: none). Sized by the bank at that round.
+        self.register_buffer("pending", torch.zeros((0, 2), dtype=torch.long))
         self.history: list[MergeReport] = []
         # A host copy of `epochs_seen`, so step() reads no device buffer (no sync per training step).
         self._epochs_seen: int | None = None
@@ -604,6 +633,7 @@ class NeighbourMerger(nn.Module):
         if is_distributed():
             dist.broadcast(joined, 0)
         current.copy_(joined)
+        self.pending = self.pending[:0]  # a joined group is a new group: what it passed with before no longer counts
 
     @torch.no_grad()
     def merge(self, memory: nn.Module, embeddings: Embeddings = None) -> MergeReport:
@@ -620,12 +650,18 @@ class NeighbourMerger(nn.Module):
         """
         features, groups = _checked_tables(memory)
         self._check_same_memory(memory, features, groups)
+        if self.pending.numel() and self.pending.shape[0] != groups.numel():
+            raise ValueError(
+                f"the merger's pending pairs were kept for a bank of {self.pending.shape[0]} entries, "
+                f"got a bank of {groups.numel()}"
+            )
         start = time.perf_counter()
         share = self.share()
         # float64 holds every count exactly; on the groups' device only when a collective needs it there
         device = groups.device if is_distributed() else torch.device("cpu")
         header = torch.zeros(1 + len(_ROUND_FIELDS), dtype=torch.float64, device=device)
         merged, error = torch.empty_like(groups), None
+        pending = groups.new_empty((groups.numel() if self.persistence > 1 else 0, 2))
         if rank() == 0:
             try:
                 searched = _searched(features, embeddings)
@@ -634,14 +670,17 @@ class NeighbourMerger(nn.Module):
             except Exception as caught:  # any failure must reach the other ranks, not leave them waiting
                 error = caught
             else:
-                merged = result.groups.to(groups.device)
+                merged, pending = result.groups.to(groups.device), result.pending.to(groups.device)
                 counts = [float(getattr(result, name)) for name in _ROUND_FIELDS[:-1]]
                 header[0] = 1.0
                 header[1:] = torch.tensor([*counts, time.perf_counter() - start], dtype=torch.float64)
         _raise_if_failed(header, error)
         if is_distributed():
             dist.broadcast(merged, 0)
+            if pending.numel():
+                dist.broadcast(pending, 0)
         groups.copy_(merged)
+        self.pending = pending.to(self.pending.device)
         sizes = torch.bincount(merged, minlength=merged.numel())
         counts = dict(zip(_ROUND_FIELDS, header[1:].tolist()))
         written = getattr(memory, "num_written", None)
@@ -677,6 +716,7 @@ class NeighbourMerger(nn.Module):
             "merger rounds": groups.new_tensor(self.rounds),
             "merger epochs_seen": self.epochs_seen.to(groups.device),
             "groups checksum": checksum(groups),
+            "merger pending checksum": checksum(self.pending) if self.pending.numel() else groups.new_tensor(0),
         }
         if getattr(memory, "features_on_every_rank", True):
             values["features checksum"] = checksum(features)
@@ -708,6 +748,8 @@ class NeighbourMerger(nn.Module):
             min_similarity=self.min_similarity,
             second=second,
             second_ratio=self.bank_ratio or 1.0,
+            persistence=self.persistence,
+            pending=self.pending.to(features.device) if self.persistence > 1 else None,
         )
 
     def get_extra_state(self) -> torch.Tensor:
@@ -724,10 +766,14 @@ class NeighbourMerger(nn.Module):
         return table.nan_to_num(nan=math.inf)
 
     def check_loaded_state(self, state_dict, prefix: str) -> None:
-        """Raise ``ValueError`` if ``state_dict`` holds a history (under ``prefix``) that would be refused."""
+        """Raise ``ValueError`` if ``state_dict`` holds a history or pending pairs (under ``prefix``) that
+        would be refused."""
         key = prefix + "_extra_state"
         if key in state_dict:
             _check_history(key, state_dict[key])
+        pending = state_dict.get(prefix + "pending")
+        if pending is not None:
+            _check_pending(prefix + "pending", pending)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
         _check_history("_extra_state", state)
@@ -740,8 +786,13 @@ class NeighbourMerger(nn.Module):
             for row in table.tolist()
         ]
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # `pending` is sized by the bank (or empty): take the saved table's size. A state_dict saved before
+        # `pending` existed has none pending.
+        self.check_loaded_state(state_dict, prefix)
+        saved = state_dict.setdefault(prefix + "pending", self.pending.new_zeros((0, 2)))
+        self.pending = self.pending.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._epochs_seen = None  # re-read from the loaded buffer at the next step
 
     def extra_repr(self) -> str:
@@ -749,8 +800,19 @@ class NeighbourMerger(nn.Module):
             f"warmup={self.warmup}, interval={self.interval}, ratio={self.ratio}, "
             f"max_group_size={self.max_group_size}, max_merged_share={self.max_merged_share}, "
             f"initial_share={self.initial_share}, share_growth={self.share_growth}, max_share={self.max_share}, "
-            f"min_similarity={self.min_similarity}, bank_ratio={self.bank_ratio}, backend={self.backend!r}"
+            f"min_similarity={self.min_similarity}, bank_ratio={self.bank_ratio}, persistence={self.persistence}, "
+            f"backend={self.backend!r}"
         )
+
+
+def _check_pending(key: str, pending: object) -> None:
+    shape = tuple(pending.shape) if isinstance(pending, torch.Tensor) else type(pending).__name__
+    integer = isinstance(pending, torch.Tensor) and not (pending.is_floating_point() or pending.is_complex())
+    check_loaded(key, integer and pending.dim() == 2 and pending.shape[1] == 2, f"must be (N, 2) integers, got {shape}")
+    if pending.numel():
+        partner, streak = pending[:, 0], pending[:, 1]
+        valid = bool(((partner >= -1) & (partner < len(pending)) & ((partner == -1) == (streak == 0))).all())
+        check_loaded(key, valid and int(streak.min()) >= 0, "must pair each group with an entry id and a count")
 
 
 def _check_history(key: str, state: object) -> None:
