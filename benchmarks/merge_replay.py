@@ -161,6 +161,38 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         "spatial 0.875, bank 0.825, groups of at most 3",
         {"search": "spatial", "ratio": 0.875, "bank_ratio": 0.825, "max_group_size": 3},
     ),
+    (
+        "spatial 0.9, bank 0.8, groups of at most 3, 2 rounds in a row",
+        {"search": "spatial", "ratio": 0.9, "bank_ratio": 0.8, "max_group_size": 3, "persistence": 2},
+    ),
+    (
+        "spatial 0.9, bank 0.8, groups of at most 3, share 0.05 growing by 0.05 to 0.5, 2 rounds in a row",
+        {"search": "spatial", "ratio": 0.9, "bank_ratio": 0.8, "max_group_size": 3, "max_share": 0.5, "persistence": 2},
+    ),
+    (
+        "spatial 0.9, bank 0.8, groups of at most 3, every passing pair, 2 rounds in a row",
+        {
+            "search": "spatial",
+            "ratio": 0.9,
+            "bank_ratio": 0.8,
+            "max_group_size": 3,
+            "initial_share": 1,
+            "max_share": 1,
+            "persistence": 2,
+        },
+    ),
+    (
+        "spatial 0.9, bank 0.8, groups of at most 3, every passing pair, 3 rounds in a row",
+        {
+            "search": "spatial",
+            "ratio": 0.9,
+            "bank_ratio": 0.8,
+            "max_group_size": 3,
+            "initial_share": 1,
+            "max_share": 1,
+            "persistence": 3,
+        },
+    ),
 )
 # The kept tensor each of the harness's --merge-search choices searches.
 SEARCHED = {"clean": "embeddings", "backbone": "backbone", "spatial": "spatial", "bank": "bank"}

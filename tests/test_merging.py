@@ -55,9 +55,14 @@ def python_candidates(features, g, cap, margins, ratio):
     return found
 
 
-def python_round(features, groups, ratio, cap, merged_share, share, floor, bank=None, bank_ratio=1.0):
+def python_round(
+    features, groups, ratio, cap, merged_share, share, floor, bank=None, bank_ratio=1.0, streaks=None, persistence=1
+):
     """One round written from the docstring's rule with loops, float64 and exact single-linkage distances;
-    with ``bank``, a pair must also be mutually nearest there and pass at ``bank_ratio``.
+    with ``bank``, a pair must also be mutually nearest there and pass at ``bank_ratio``. ``streaks`` maps a
+    pair of groups, written as their sorted member tuples, to the rounds in a row it passed just before this
+    one; a passing pair merges only once it has passed ``persistence`` rounds in a row, and ``streaks`` is
+    rewritten in place for the next round.
 
     Returns the new canonical groups, the counts of the report and the smallest margin of any
     comparison (to keep cases away from float ties) as a dict.
@@ -71,7 +76,10 @@ def python_round(features, groups, ratio, cap, merged_share, share, floor, bank=
     if bank is not None:
         in_bank = python_candidates(bank, g, cap, margins, bank_ratio)
         confirmed = {pair for pair, test in in_bank.items() if test is not None and test[1] < bank_ratio}
-    passing, criterion_rejects, size_rejects = [], 0, 0
+    members = {a: tuple(i for i in range(n) if g[i] == a) for a in size}
+    before, streaks = dict(streaks or {}), {} if streaks is None else streaks
+    streaks.clear()
+    passing, criterion_rejects, size_rejects, waiting = [], 0, 0, 0
     for (a, b), test in pairs.items():
         if test is None:
             size_rejects += 1
@@ -81,8 +89,12 @@ def python_round(features, groups, ratio, cap, merged_share, share, floor, bank=
         margins.append(abs(similarity - floor))
         if not (worst < ratio and similarity >= floor and (confirmed is None or (a, b) in confirmed)):
             criterion_rejects += 1
-        else:
+            continue
+        run = streaks[members[a], members[b]] = before.get((members[a], members[b]), 0) + 1
+        if run >= persistence:
             passing.append((worst, a, b, similarity))  # most confident (lowest ratio) first
+        else:
+            waiting += 1
     passing.sort(key=lambda p: p[0])
     taken = passing[: math.ceil(share * len(passing) - 1e-9)]
     budget = math.floor(merged_share * n + 1e-9) - sum(s for s in size.values() if s > 1)
@@ -96,11 +108,12 @@ def python_round(features, groups, ratio, cap, merged_share, share, floor, bank=
         accepted.append(p)
     for _, a, b, _ in accepted:
         g = [a if v == b else v for v in g]
+        del streaks[members[a], members[b]]
     return g, dict(
         pairs_merged=len(accepted),
         candidate_pairs=len(pairs),
         rejected_by_criterion=criterion_rejects,
-        deferred_by_share=len(passing) - len(taken),
+        deferred_by_share=len(passing) - len(taken) + waiting,
         rejected_by_caps=size_rejects + len(taken) - len(accepted),
         weakest_similarity=min((p[3] for p in accepted), default=math.nan),
         margin=min(margins),
@@ -501,6 +514,7 @@ def test_history_travels_in_the_state_dict_and_loads_with_weights_only():
         ({"min_similarity": 2.0}, r"min_similarity must lie in \[-1, 1\], got 2.0"),
         ({"backend": "annoy"}, "backend must be one of"),
         ({"chunk_size": 0}, "chunk_size must be a positive int, got 0"),
+        ({"persistence": 0}, "persistence must be a positive int, got 0"),
     ],
 )
 def test_bad_arguments_raise_a_value_error_naming_them(kwargs, message):
