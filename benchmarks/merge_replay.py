@@ -139,6 +139,26 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         {"ratio": 0.85, "bank_ratio": 0.8, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 3},
     ),
     (
+        "embeddings 0.87, bank 0.8, groups of at most 3, every passing pair, 2 rounds in a row",
+        {"ratio": 0.87, "bank_ratio": 0.8, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 2},
+    ),
+    (
+        "embeddings 0.9, bank 0.78, groups of at most 3, every passing pair, 2 rounds in a row",
+        {"ratio": 0.9, "bank_ratio": 0.78, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 2},
+    ),
+    (
+        "embeddings 0.88, bank 0.8, groups of at most 3, share 0.25 growing by 0.25 to 1, 2 rounds in a row",
+        {
+            "ratio": 0.88,
+            "bank_ratio": 0.8,
+            "max_group_size": 3,
+            "initial_share": 0.25,
+            "share_growth": 0.25,
+            "max_share": 1,
+            "persistence": 2,
+        },
+    ),
+    (
         "embeddings 0.9, bank 0.85, groups of at most 3, every passing pair, 3 rounds in a row",
         {"ratio": 0.9, "bank_ratio": 0.85, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 3},
     ),
