@@ -36,7 +36,7 @@ The full method's rounds search the encoder's embeddings of the unaugmented trai
 (``--merge-search clean``; on mnist5k ``spatial``, its last feature map of them before global pooling,
 flattened; ``backbone``, the pooled features before the projection head) with the ratio test at
 ``--merge-ratio`` 0.85, each pair confirmed in the bank rows at ``--merge-bank-ratio`` 0.8 (on MNIST-1D:
-groups of at most 3, the merger's share schedule grown to half of the passing pairs a round; on mnist5k: from epoch 6,
+ratio 0.87, groups of at most 3, every pair that has passed two rounds in a row; on mnist5k: from epoch 6,
 ratio 0.9, groups of at most 3); with planted copies the merged-share cap is raised to their share of the
 entries plus 0.05.
 
