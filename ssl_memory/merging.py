@@ -250,6 +250,7 @@ def merge_round(
     second_ratio: float = 1.0,
     persistence: int = 1,
     pending: torch.Tensor | None = None,
+    immediate_ratio: float = 0.0,
 ) -> _Round:
     """One round from each entry's ``max_group_size`` nearest neighbours outside its group.
 
@@ -259,7 +260,8 @@ def merge_round(
     embeddings), must confirm each pair: mutually nearest there too, passing at ``second_ratio``.
     ``pending`` (N, 2): for each group id, the group it passed with in the rounds just before and for
     how many of them in a row (``-1, 0``: none); a pair merges only once it has passed ``persistence``
-    rounds in a row. The round returns the same table for the next one.
+    rounds in a row, or the round it passes when its ratio of link to reference is under ``immediate_ratio``.
+    The round returns the same table for the next one.
     """
     n = groups.numel()
     device = groups.device
@@ -279,9 +281,9 @@ def merge_round(
     if pending is not None and pending.numel():
         streak = torch.where(pending[left, 0] == right, pending[left, 1] + 1, streak)
     streak = streak.clamp(max=persistence)
-    eligible = torch.nonzero(passes & fits & (streak >= persistence)).squeeze(1)
     # Most confident first: the lowest ratio of link to reference, the test's own measure of standing apart.
     confidence = found.d_link / torch.minimum(found.d_left, found.d_right)
+    eligible = torch.nonzero(passes & fits & ((streak >= persistence) | (confidence < immediate_ratio))).squeeze(1)
     eligible = eligible[torch.argsort(confidence[eligible], stable=True)]
     allowed = math.ceil(share * eligible.numel() - 1e-9)  # the epsilon absorbs float error in share * count
     taken = eligible[:allowed]
@@ -512,6 +514,8 @@ class NeighbourMerger(nn.Module):
             A round that searches the bank rows ignores it.
         persistence: rounds in a row a pair must pass (the same two groups, mutually nearest, passing every
             test and within the size cap) before it may merge; 1: the round it first passes.
+        immediate_ratio: with ``persistence > 1``, a passing pair whose ratio of link to reference (from both
+            sides) is under this merges the round it passes, without waiting; in (0, ratio], ``None``: none does.
 
     Shape:
         - ``memory.features``: (N, D); ``memory.groups``: (N,)
@@ -545,6 +549,7 @@ class NeighbourMerger(nn.Module):
         known_groups: KnownGroups | None = None,
         bank_ratio: float | None = None,
         persistence: int = 1,
+        immediate_ratio: float | None = None,
     ) -> None:
         super().__init__()
         check_non_negative_int("warmup", warmup)
@@ -566,6 +571,8 @@ class NeighbourMerger(nn.Module):
             check_positive_int("chunk_size", chunk_size)
         check_positive_int("faiss_threshold", faiss_threshold)
         check_positive_int("persistence", persistence)
+        if immediate_ratio is not None and not 0.0 < immediate_ratio <= ratio:
+            raise ValueError(f"immediate_ratio must lie in (0, ratio={ratio!r}] or be None, got {immediate_ratio!r}")
         check_backend(backend)  # fail on every rank at construction, not inside a collective
         if known_groups is not None:  # checked now (all but the bank size), joined at the first step
             if isinstance(known_groups, torch.Tensor):
@@ -582,6 +589,7 @@ class NeighbourMerger(nn.Module):
         self.bank_ratio = None if bank_ratio is None else float(bank_ratio)
         self.backend, self.chunk_size, self.faiss_threshold = backend, chunk_size, faiss_threshold
         self.persistence = persistence
+        self.immediate_ratio = None if immediate_ratio is None else float(immediate_ratio)
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
         # (N, 2) once a round with persistence > 1 has run: each group's partner in the rounds just before
         # and how many of them in a row it passed with it (-1, 0: none). Sized by the bank at that round.
@@ -781,6 +789,7 @@ class NeighbourMerger(nn.Module):
             second_ratio=self.bank_ratio or 1.0,
             persistence=self.persistence,
             pending=self.pending.to(features.device) if self.persistence > 1 else None,
+            immediate_ratio=self.immediate_ratio or 0.0,
         )
 
     def get_extra_state(self) -> torch.Tensor:
@@ -832,6 +841,7 @@ class NeighbourMerger(nn.Module):
             f"max_group_size={self.max_group_size}, max_merged_share={self.max_merged_share}, "
             f"initial_share={self.initial_share}, share_growth={self.share_growth}, max_share={self.max_share}, "
             f"min_similarity={self.min_similarity}, bank_ratio={self.bank_ratio}, persistence={self.persistence}, "
+            f"immediate_ratio={self.immediate_ratio}, "
             f"backend={self.backend!r}"
         )
 

@@ -56,13 +56,24 @@ def python_candidates(features, g, cap, margins, ratio):
 
 
 def python_round(
-    features, groups, ratio, cap, merged_share, share, floor, bank=None, bank_ratio=1.0, streaks=None, persistence=1
+    features,
+    groups,
+    ratio,
+    cap,
+    merged_share,
+    share,
+    floor,
+    bank=None,
+    bank_ratio=1.0,
+    streaks=None,
+    persistence=1,
+    immediate=0.0,
 ):
     """One round written from the docstring's rule with loops, float64 and exact single-linkage distances;
     with ``bank``, a pair must also be mutually nearest there and pass at ``bank_ratio``. ``streaks`` maps a
     pair of groups, written as their sorted member tuples, to the rounds in a row it passed just before this
-    one; a passing pair merges only once it has passed ``persistence`` rounds in a row, and ``streaks`` is
-    rewritten in place for the next round.
+    one; a passing pair merges only once it has passed ``persistence`` rounds in a row, or at once when its
+    worse ratio is under ``immediate``, and ``streaks`` is rewritten in place for the next round.
 
     Returns the new canonical groups, the counts of the report and the smallest margin of any
     comparison (to keep cases away from float ties) as a dict.
@@ -91,7 +102,9 @@ def python_round(
             criterion_rejects += 1
             continue
         run = streaks[members[a], members[b]] = before.get((members[a], members[b]), 0) + 1
-        if run >= persistence:
+        if immediate:
+            margins.append(abs(worst - immediate))
+        if run >= persistence or worst < immediate:
             passing.append((worst, a, b, similarity))  # most confident (lowest ratio) first
         else:
             waiting += 1
@@ -515,6 +528,8 @@ def test_history_travels_in_the_state_dict_and_loads_with_weights_only():
         ({"backend": "annoy"}, "backend must be one of"),
         ({"chunk_size": 0}, "chunk_size must be a positive int, got 0"),
         ({"persistence": 0}, "persistence must be a positive int, got 0"),
+        ({"immediate_ratio": 0.0}, r"immediate_ratio must lie in \(0, ratio=0.5\] or be None, got 0.0"),
+        ({"ratio": 0.8, "immediate_ratio": 0.9}, r"immediate_ratio must lie in \(0, ratio=0.8\] or be None, got 0.9"),
     ],
 )
 def test_bad_arguments_raise_a_value_error_naming_them(kwargs, message):

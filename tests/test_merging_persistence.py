@@ -2,6 +2,7 @@
 a known answer, state_dict resume and two-rank gloo runs)."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -39,19 +40,29 @@ def no_float_ties(x):
     cap=st.integers(2, 4),
     share=st.floats(0.3, 1.0),
     persistence=st.integers(1, 3),
+    immediate=st.none() | st.floats(0.2, 1.0),
     drift=st.floats(0.0, 0.5),
     seed=st.integers(0, 2**16),
 )
-def test_rounds_in_a_row_match_the_python_reference(n, dim, ratio, cap, share, persistence, drift, seed):
+def test_rounds_in_a_row_match_the_python_reference(n, dim, ratio, cap, share, persistence, immediate, drift, seed):
     banks = drifting(n, dim, 5, drift, seed)
     assume(all(no_float_ties(x) for x in banks))
     bank = MemoryBank(n, dim)
+    immediate = None if immediate is None else immediate * ratio  # a fraction of the ratio: never above it
     rounds = merger(
-        ratio=ratio, max_group_size=cap, max_merged_share=1.0, initial_share=share, max_share=share, persistence=persistence
+        ratio=ratio,
+        max_group_size=cap,
+        max_merged_share=1.0,
+        initial_share=share,
+        max_share=share,
+        persistence=persistence,
+        immediate_ratio=immediate,
     )
     streaks, groups = {}, torch.arange(n)
     for x in banks:
-        expected, counts = python_round(x, groups, ratio, cap, 1.0, share, 0.5, streaks=streaks, persistence=persistence)
+        expected, counts = python_round(
+            x, groups, ratio, cap, 1.0, share, 0.5, streaks=streaks, persistence=persistence, immediate=immediate or 0.0
+        )
         assume(counts.pop("margin") > 1e-4)
         bank.features.copy_(x)
         report = rounds(bank)
@@ -85,6 +96,37 @@ def test_a_pair_that_passes_once_waits_and_one_that_passes_again_merges():
     assert (rounds.pending[:, 0] == -1).all()  # 2, 3 stopped passing: its count starts again
     eager = bank_with(first)
     assert merger(ratio=0.5)(eager).pairs_merged == 2 and eager.groups[:4].tolist() == [0, 0, 2, 2]
+
+
+def test_a_pair_far_under_the_immediate_ratio_merges_the_round_it_first_passes():
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    x[1] = F.normalize(x[0] + 0.001 * torch.randn(16, generator=gen), dim=0)  # ratio about 0.003
+    x[3] = F.normalize(x[2] + 0.05 * torch.randn(16, generator=gen), dim=0)  # ratio about 0.15
+    bank, rounds = bank_with(x), merger(ratio=0.5, persistence=2, immediate_ratio=0.05)
+    report = rounds(bank)
+    assert report.pairs_merged == 1 and report.deferred_by_share == 1
+    assert bank.groups[:4].tolist() == [0, 0, 2, 3] and rounds.pending[2].tolist() == [3, 1]
+    report = rounds(bank)  # passed again: the second pair's turn
+    assert report.pairs_merged == 1 and bank.groups[:4].tolist() == [0, 0, 2, 2]
+
+
+def test_merging_at_once_takes_the_worse_side_and_still_needs_the_bank():
+    """Entries 0, 1, 2 at angles 0, 0.02 and 0.05 in one plane (groups of 2: the reference is the nearest entry
+    outside the pair): 0, 1 pass the ratio test at 0.4 from 0's side and 0.67 from 1's, so an immediate ratio
+    of 0.5 does not apply, 0.7 does; and a pair under it in the embeddings that the bank rows do not confirm
+    never merges."""
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    x[:3] = 0.0
+    for i, angle in enumerate((0.0, 0.02, 0.05)):
+        x[i, 0], x[i, 1] = math.cos(angle), math.sin(angle)
+    assert merger(ratio=0.8, max_group_size=2, persistence=2, immediate_ratio=0.5)(bank_with(x)).pairs_merged == 0
+    assert merger(ratio=0.8, max_group_size=2, persistence=2, immediate_ratio=0.7)(bank_with(x)).pairs_merged == 1
+    rows = F.normalize(torch.randn(40, 16, generator=gen), dim=1)  # entries 0 and 1 unrelated in the bank
+    rounds = merger(ratio=0.8, bank_ratio=0.8, max_group_size=2, persistence=2, immediate_ratio=0.7)
+    report = rounds(bank_with(rows), x)
+    assert report.pairs_merged == 0 and report.deferred_by_share == 0
 
 
 def test_pending_pairs_resume_exactly_and_older_state_dicts_load():
