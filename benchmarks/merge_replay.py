@@ -142,6 +142,21 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         "embeddings 0.87, bank 0.8, groups of at most 3, every passing pair, 2 rounds in a row",
         {"ratio": 0.87, "bank_ratio": 0.8, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 2},
     ),
+    *(
+        (
+            f"embeddings 0.87, bank 0.8, groups of at most 3, every passing pair, 2 rounds in a row, at once under {r}",
+            {
+                "ratio": 0.87,
+                "bank_ratio": 0.8,
+                "max_group_size": 3,
+                "initial_share": 1,
+                "max_share": 1,
+                "persistence": 2,
+                "immediate_ratio": r,
+            },
+        )
+        for r in (0.6, 0.7, 0.75, 0.77, 0.8)
+    ),
     (
         "embeddings 0.9, bank 0.78, groups of at most 3, every passing pair, 2 rounds in a row",
         {"ratio": 0.9, "bank_ratio": 0.78, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 2},
