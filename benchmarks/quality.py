@@ -36,9 +36,9 @@ The full method's rounds search the encoder's embeddings of the unaugmented trai
 (``--merge-search clean``; on mnist5k ``spatial``, its last feature map of them before global pooling,
 flattened; ``backbone``, the pooled features before the projection head) with the ratio test at
 ``--merge-ratio`` 0.85, each pair confirmed in the bank rows at ``--merge-bank-ratio`` 0.8 (on MNIST-1D:
-ratio 0.87, groups of at most 3, every pair that has passed two rounds in a row; on mnist5k: from epoch 6,
-ratio 0.9, groups of at most 3); with planted copies the merged-share cap is raised to their share of the
-entries plus 0.05.
+ratio 0.87, groups of at most 3, every pair that has passed two rounds in a row and at once one under 0.75;
+on mnist5k: from epoch 6, ratio 0.9, groups of at most 3); with planted copies the merged-share cap is raised
+to their share of the entries plus 0.05.
 
 Settings were tuned on ``--dataset mnist1d-tune`` (MNIST-1D's generator with 10 other, random
 templates), never on MNIST-1D's test split or its classes 5-9. The image test beds' recipes (crop,
