@@ -228,6 +228,22 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
             "persistence": 3,
         },
     ),
+    # The digits' trade-off: a stricter test or a larger per-round share, one at a time and together.
+    *(
+        (
+            f"spatial {r}, bank {b}, groups of at most 3",
+            {"search": "spatial", "ratio": r, "bank_ratio": b, "max_group_size": 3},
+        )
+        for r, b in ((0.8, 0.75), (0.8, 0.8), (0.85, 0.8))
+    ),
+    *(
+        (
+            f"spatial {r}, bank {b}, groups of at most 3, share 0.05 growing by 0.05 to {top}",
+            {"search": "spatial", "ratio": r, "bank_ratio": b, "max_group_size": 3, "max_share": top},
+        )
+        for r, b in ((0.8, 0.75), (0.8, 0.8), (0.85, 0.8), (0.9, 0.8))
+        for top in (0.5, 1.0)
+    ),
 )
 # The kept tensor each of the harness's --merge-search choices searches.
 SEARCHED = {"clean": "embeddings", "backbone": "backbone", "spatial": "spatial", "bank": "bank"}
@@ -405,6 +421,7 @@ def table(results: dict[str, Any]) -> str:
             "reachable recall, last round",
             "planted recall",
             "planted precision, lowest",
+            "class purity, lowest",
             "entries merged",
             "input distance, merged copies / other merged pairs",
             "other merged pairs nearer than a copy",
@@ -413,7 +430,13 @@ def table(results: dict[str, Any]) -> str:
         def cells(s: dict[str, Any]) -> list[Any]:
             distances = f"{number(s.get('input_planted'), 2)} / {number(s.get('input_other'), 2)}"
             recalls = [number(s["reachable_recall"]), number(s["planted_recall"]), number(s["lowest_precision"])]
-            return [*recalls, s["entries_merged"], distances, number(s.get("input_other_nearer_than_copy"))]
+            return [
+                *recalls,
+                number(s["lowest_class_purity"]),
+                s["entries_merged"],
+                distances,
+                number(s.get("input_other_nearer_than_copy")),
+            ]
 
     lines = ["| criterion | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for row in results["criteria"]:
