@@ -14,9 +14,9 @@ are kept. Each criterion of
 the harness's caps and schedule merging the kept tensors: what merges differs, what is searched does
 not (merging feeds back into training, which a replay leaves out). Per criterion: the reachable
 recall after the last round, the planted recall, the lowest planted precision over the rounds (the
-issue's targets are 0.8 and 0.9), the entries merged, and where the last round's merged pairs lie in the
-input: whether the pairs counted against precision are farther apart than the planted copies, or nearer
-(natural near-duplicates the ground truth does not list).
+issue's targets are 0.8 and 0.9), the lowest class purity of the merged pairs, the entries merged, and
+where the last round's merged pairs lie in the input: whether the pairs counted against precision are
+farther apart than the planted copies, or nearer (natural near-duplicates the ground truth does not list).
 
 With ``--plant 0`` the run has no planted copies (``--epochs 70`` gives the sixty rounds of issue 18's
 safety target): every merged pair is a pair of distinct samples, and the table reports per criterion the

@@ -146,7 +146,9 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     # Merge rounds on digits search the last feature map before pooling: pooling keeps what a digit is and
     # drops where its strokes lie, which is what tells a near-copy from another digit written alike. Rounds
     # from the sixth epoch, groups of at most 3, ratio 0.9: the balance of reachable recall and lowest
-    # precision on mnist5k-val, planted (benchmarks/results/merge_replay/mnist5k-val).
+    # precision on mnist5k-val, planted (benchmarks/results/merge_replay/mnist5k-val). A stricter test or a larger
+    # per-round share trades one target for the other there: no row tried meets both on both protocols
+    # (benchmarks/results/merge_replay/tradeoff/).
     "mnist5k": {
         "width": 16,
         "epochs": 20,

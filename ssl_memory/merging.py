@@ -464,6 +464,11 @@ class NeighbourMerger(nn.Module):
     ratio test's reference one entry nearer (the second outside a pair, not the third), and ratio 0.9,
     0.813 and 0.919. The harness runs the latter on digits: ``embeddings`` is a function returning the
     feature maps of the unaugmented samples, flattened to one row each (``benchmarks/methods.py``).
+    Its unseen-class replay stops short of the recall target (0.69 at commit 602e035), and a larger share
+    or a stricter test only moves along the trade-off: of 21 rows on the feature map, the three that reach
+    0.8 there fall to 0.88 precision or under on seen classes. The pairs counted against precision share
+    their class (purity 0.994 or more wherever a share applies): digits written twice alike, which the
+    planted truth does not list (``benchmarks/results/merge_replay/tradeoff/``).
 
     **Schedule.** :meth:`step` is called after every bank update (``MemoryBankLoss`` does it). It
     counts epochs from the bank's :attr:`~ssl_memory.MemoryBank.samples_written`: N samples written
