@@ -157,6 +157,39 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         )
         for r in (0.6, 0.7, 0.75, 0.77, 0.8)
     ),
+    # The signals' criterion made safer in early rounds: a floor on the link's cosine, or three rounds in a row
+    # for every pair not under the immediate ratio.
+    *(
+        (
+            f"signals' criterion, cosine at least {floor}",
+            {
+                "ratio": 0.87,
+                "bank_ratio": 0.8,
+                "max_group_size": 3,
+                "initial_share": 1,
+                "max_share": 1,
+                "persistence": 2,
+                "immediate_ratio": 0.75,
+                "min_similarity": floor,
+            },
+        )
+        for floor in (0.9, 0.95, 0.97)
+    ),
+    *(
+        (
+            f"signals' criterion at ratio {r}, 3 rounds in a row",
+            {
+                "ratio": r,
+                "bank_ratio": 0.8,
+                "max_group_size": 3,
+                "initial_share": 1,
+                "max_share": 1,
+                "persistence": 3,
+                "immediate_ratio": 0.75,
+            },
+        )
+        for r in (0.87, 0.9)
+    ),
     (
         "embeddings 0.9, bank 0.78, groups of at most 3, every passing pair, 2 rounds in a row",
         {"ratio": 0.9, "bank_ratio": 0.78, "max_group_size": 3, "initial_share": 1, "max_share": 1, "persistence": 2},
