@@ -157,8 +157,24 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         )
         for r in (0.6, 0.7, 0.75, 0.77, 0.8)
     ),
-    # The signals' criterion made safer in early rounds: a floor on the link's cosine, or three rounds in a row
-    # for every pair not under the immediate ratio.
+    # The signals' criterion made safer in early rounds: a floor on the link's cosine, three rounds in a row
+    # for every pair not under the immediate ratio, or a later first round.
+    *(
+        (
+            f"signals' criterion from epoch {first}",
+            {
+                "ratio": 0.87,
+                "bank_ratio": 0.8,
+                "max_group_size": 3,
+                "initial_share": 1,
+                "max_share": 1,
+                "persistence": 2,
+                "immediate_ratio": 0.75,
+                "from_epoch": first,
+            },
+        )
+        for first in (13, 16, 20)
+    ),
     *(
         (
             f"signals' criterion, cosine at least {floor}",
@@ -394,8 +410,9 @@ def merged_input_distances(groups: torch.Tensor, pairs: torch.Tensor, x: torch.T
 def replay(recorded: dict[str, Any], arguments: dict[str, Any]) -> list[dict[str, Any]]:
     """Every recorded round merged again by a merger with the harness's caps and ``arguments``.
 
-    ``arguments["search"]`` names the kept tensor a round searches (default ``"embeddings"``); the rest
-    go to :class:`~ssl_memory.NeighbourMerger`.
+    ``arguments["search"]`` names the kept tensor a round searches (default ``"embeddings"``) and
+    ``arguments["from_epoch"]`` the first recorded round replayed (a later warm-up); the rest go to
+    :class:`~ssl_memory.NeighbourMerger`.
     """
     return replay_with_groups(recorded, arguments)[0]
 
@@ -409,10 +426,11 @@ def replay_with_groups(
     cap = max(method.merge_cap, min(1.0, 2 * len(pairs) / n + 0.05))  # the harness's cap with planted copies
     arguments = dict(arguments)
     search = arguments.pop("search", "embeddings")
+    first = arguments.pop("from_epoch", 0)
     merger = NeighbourMerger(max_merged_share=cap, backend="torch", **arguments)
     bank = MemoryBank(n, recorded["rounds"][0]["bank"].shape[1])
     out = []
-    for kept in recorded["rounds"]:
+    for kept in (kept for kept in recorded["rounds"] if kept["epoch"] >= first):
         bank.features.copy_(kept["bank"])
         report = merger.merge(bank, kept[search])
         found = planted_metrics(bank.groups, labels, pairs, F.normalize(kept[search].float(), dim=1))

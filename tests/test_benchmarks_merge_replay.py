@@ -121,6 +121,14 @@ def test_a_replay_searches_the_kept_tensor_its_criterion_names():
     assert summary(replay(recorded, {"ratio": 0.5}))["planted_recall"] == 0.0
 
 
+def test_a_later_first_round_replays_the_rounds_from_that_epoch_as_if_none_came_before():
+    recorded = recorded_run(rounds=25)
+    late = replay(recorded, {"ratio": 0.5, "from_epoch": 15})
+    assert [r["epoch"] for r in late] == list(range(15, 35))
+    shortened = {**recorded, "rounds": recorded["rounds"][5:]}
+    assert late == replay(shortened, {"ratio": 0.5})  # the share schedule starts again at the first round replayed
+
+
 @pytest.mark.parametrize("dataset", ["mnist1d-tune", "mnist5k"])
 def test_the_harness_criterion_of_each_replayed_data_set_is_one_of_the_rows(dataset):
     # main() draws pairs.png for the row equal to the harness's criterion: each data set's must be there.
