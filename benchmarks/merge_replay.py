@@ -53,6 +53,17 @@ from benchmarks.quality_settings import MethodSettings, resolve  # noqa: E402
 from benchmarks.sweep import validation_split  # noqa: E402
 from ssl_memory import MemoryBank, NeighbourMerger  # noqa: E402
 
+# The harness's criterion on signals (quality_settings.SIGNALS), which several rows vary.
+SIGNALS_CRITERION: dict[str, Any] = {
+    "ratio": 0.87,
+    "bank_ratio": 0.8,
+    "max_group_size": 3,
+    "initial_share": 1,
+    "max_share": 1,
+    "persistence": 2,
+    "immediate_ratio": 0.75,
+}
+
 # (name, NeighbourMerger arguments): the embeddings alone at three ratios, with a smaller group cap,
 # confirmed by the bank rows, with a larger per-round share and groups of at most 3, pairs passing several
 # rounds in a row before they merge, and rounds that search the backbone's features or the flattened last
@@ -145,65 +156,19 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     *(
         (
             f"embeddings 0.87, bank 0.8, groups of at most 3, every passing pair, 2 rounds in a row, at once under {r}",
-            {
-                "ratio": 0.87,
-                "bank_ratio": 0.8,
-                "max_group_size": 3,
-                "initial_share": 1,
-                "max_share": 1,
-                "persistence": 2,
-                "immediate_ratio": r,
-            },
+            {**SIGNALS_CRITERION, "immediate_ratio": r},
         )
         for r in (0.6, 0.7, 0.75, 0.77, 0.8)
     ),
     # The signals' criterion made safer in early rounds: a floor on the link's cosine, three rounds in a row
     # for every pair not under the immediate ratio, or a later first round.
+    *((f"signals' criterion from epoch {e}", {**SIGNALS_CRITERION, "from_epoch": e}) for e in (13, 16, 20)),
     *(
-        (
-            f"signals' criterion from epoch {first}",
-            {
-                "ratio": 0.87,
-                "bank_ratio": 0.8,
-                "max_group_size": 3,
-                "initial_share": 1,
-                "max_share": 1,
-                "persistence": 2,
-                "immediate_ratio": 0.75,
-                "from_epoch": first,
-            },
-        )
-        for first in (13, 16, 20)
-    ),
-    *(
-        (
-            f"signals' criterion, cosine at least {floor}",
-            {
-                "ratio": 0.87,
-                "bank_ratio": 0.8,
-                "max_group_size": 3,
-                "initial_share": 1,
-                "max_share": 1,
-                "persistence": 2,
-                "immediate_ratio": 0.75,
-                "min_similarity": floor,
-            },
-        )
+        (f"signals' criterion, cosine at least {floor}", {**SIGNALS_CRITERION, "min_similarity": floor})
         for floor in (0.9, 0.95, 0.97)
     ),
     *(
-        (
-            f"signals' criterion at ratio {r}, 3 rounds in a row",
-            {
-                "ratio": r,
-                "bank_ratio": 0.8,
-                "max_group_size": 3,
-                "initial_share": 1,
-                "max_share": 1,
-                "persistence": 3,
-                "immediate_ratio": 0.75,
-            },
-        )
+        (f"signals' criterion at ratio {r}, 3 rounds in a row", {**SIGNALS_CRITERION, "ratio": r, "persistence": 3})
         for r in (0.87, 0.9)
     ),
     (
