@@ -395,7 +395,9 @@ def replay_with_groups(
     merger = NeighbourMerger(max_merged_share=cap, backend="torch", **arguments)
     bank = MemoryBank(n, recorded["rounds"][0]["bank"].shape[1])
     out = []
-    for kept in (kept for kept in recorded["rounds"] if kept["epoch"] >= first):
+    for kept in recorded["rounds"]:
+        if kept["epoch"] < first:
+            continue
         bank.features.copy_(kept["bank"])
         report = merger.merge(bank, kept[search])
         found = planted_metrics(bank.groups, labels, pairs, F.normalize(kept[search].float(), dim=1))
