@@ -178,8 +178,8 @@ def test_results_record_provenance_and_every_setting(tiny_results):
     assert source["ssl_memory"] and source["torch"] == torch.__version__ and source["pytorch_metric_learning"]
     assert saved["command"].startswith("python benchmarks/quality.py --epochs 2")
     assert saved["settings"]["epochs"] == 2 and saved["settings"]["method"] == {
-        **dataclasses.asdict(MethodSettings()), "queue_size": 64, "xbm_size": 64, "mochi_hard": 8, "mochi_mix": 4,
-        "mochi_query_mix": 2, "mochi_warmup": 1, "merge_warmup": 1, **DATASET_SETTINGS["mnist1d"]["method"]}
+        **dataclasses.asdict(MethodSettings()), **DATASET_SETTINGS["mnist1d"]["method"], "queue_size": 64,
+        "xbm_size": 64, "mochi_hard": 8, "mochi_mix": 4, "mochi_query_mix": 2, "mochi_warmup": 1, "merge_warmup": 1}
 
 
 def test_memory_bank_runs_record_merge_rounds_and_the_views_agreement(tiny_results):
