@@ -114,9 +114,10 @@ class DigitCNN(nn.Module):
         )
         self.head = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.ReLU(inplace=True), nn.Linear(4 * width, dim))
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's output before pooling, (B, 4 * width, H', W'): 4x4 for 28x28 digits."""
-        return self.features(x)
+    def feature_map(self, x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+        """The output of the first ``blocks`` blocks; by default the last one's before pooling, (B, 4 * width,
+        H', W'): 4x4 for 28x28 digits (the first block's is 28x28, the second's 14x14, the third's 7x7)."""
+        return self.features[:blocks](x)
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features before the head, (B, 4 * width)."""

@@ -8,8 +8,8 @@ One ``full`` run of the quality harness (its settings for the data set, 15% of t
 given a planted near-copy, one seed, seen classes or with ``--protocol unseen`` the first half of the
 classes) is trained and, at each of its merge rounds, the
 encoder's embeddings of the unaugmented samples, its backbone features of them (before the projection
-head), its last feature map of them (before global pooling, flattened: ``spatial``) and the bank rows
-are kept. Each criterion of
+head), its last feature map of them (before global pooling, flattened: ``spatial``; on digits also the maps
+after the first one, two and three blocks: ``block1`` to ``block3``) and the bank rows are kept. Each criterion of
 :data:`CRITERIA` then replays every round from no groups, a :class:`~ssl_memory.NeighbourMerger` with
 the harness's caps and schedule merging the kept tensors: what merges differs, what is searched does
 not (merging feeds back into training, which a replay leaves out). Per criterion: the reachable
@@ -259,6 +259,19 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         )
         for r, b in ((0.8, 0.75), (0.8, 0.8), (0.85, 0.8), (0.9, 0.8))
         for top in (0.5, 1.0)
+    ),
+    # Digits: the maps after the first one, two or three of the encoder's four blocks (flattened, before any
+    # pooling), nearer the pixels than the last: does a map that keeps more of where each stroke lies tell a copy
+    # from a digit written alike better? The digits' criterion on each at several ratios, and with the share
+    # grown to 0.5 or 1. Recorded on digits only (MemoryBankMethod.embed_inputs); elsewhere these rows are skipped.
+    *(
+        (
+            f"block {k} map {r}, bank 0.8, groups of at most 3{tail}",
+            {"search": f"block{k}", "ratio": r, "bank_ratio": 0.8, "max_group_size": 3, **share},
+        )
+        for k, ratios in ((3, (0.8, 0.85, 0.9)), (2, (0.8, 0.85, 0.9, 0.95)), (1, (0.9, 0.95)))
+        for r in ratios
+        for tail, share in (("", {}), *((f", share growing to {top}", {"max_share": top}) for top in (0.5, 1)))
     ),
 )
 # The kept tensor each of the harness's --merge-search choices searches.
@@ -534,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, arguments in CRITERIA:
         if args.rows and not any(part in name for part in args.rows):
             continue
+        if arguments.get("search", "embeddings") not in recorded["rounds"][0]:
+            continue  # a space this data set's encoder does not record
         rounds, groups = replay_with_groups(recorded, arguments)
         criteria.append({"name": name, "arguments": arguments, "summary": summary(rounds), "rounds": rounds})
         if arguments == harness:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.encoders import DigitCNN
 from benchmarks.quality_settings import ORACLE, MethodSettings
 from ssl_memory import ConsistencyLoss, CrossBatchLoss, HardNegativeMixer, MemoryBankLoss, NeighbourMerger, QueueLoss
 
@@ -216,16 +217,23 @@ class MemoryBankMethod(Method):
     def embed_inputs(self, features: str = "embedding", batch: int = 1024) -> torch.Tensor:
         """The unaugmented samples through the encoder in eval mode, one row each.
 
-        ``features``: ``"embedding"`` (its output), ``"backbone"`` (up to its head) or ``"spatial"`` (its
-        last feature map before pooling, flattened).
+        ``features``: ``"embedding"`` (its output), ``"backbone"`` (up to its head), ``"spatial"`` (its
+        last feature map before pooling, flattened) or, for :class:`~benchmarks.encoders.DigitCNN`,
+        ``"block1"`` to ``"block3"`` (the feature map after that many blocks, flattened).
         """
         was_training = self.encoder.training
         self.encoder.eval()
-        fn = {
-            "embedding": self.encoder,
-            "backbone": self.encoder.backbone,
-            "spatial": lambda x: self.encoder.feature_map(x).flatten(1),
-        }[features]
+        if features.startswith("block"):
+            blocks = int(features.removeprefix("block"))
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                return self.encoder.feature_map(x, blocks).flatten(1)
+        else:
+            fn = {
+                "embedding": self.encoder,
+                "backbone": self.encoder.backbone,
+                "spatial": lambda x: self.encoder.feature_map(x).flatten(1),
+            }[features]
         device = self.criterion.memory.features.device
         x = self.inputs
         out = torch.cat([fn(x[i : i + batch].to(device)).float() for i in range(0, len(x), batch)])
@@ -253,7 +261,10 @@ class MemoryBankMethod(Method):
             self.merges.append({"epoch": self.epoch + 1, "report": dataclasses.asdict(report), **diagnosis})
             if self.on_round is not None:
                 spaces = {"embeddings": self.embed_inputs("embedding")}
-                spaces.update({name: self.embed_inputs(name) for name in ("backbone", "spatial")})
+                names = ["backbone", "spatial"]
+                if isinstance(self.encoder, DigitCNN):  # the digits' replays compare earlier blocks' maps too
+                    names += ["block1", "block2", "block3"]
+                spaces.update({name: self.embed_inputs(name) for name in names})
                 self.on_round(self.epoch + 1, {**spaces, "bank": memory.features})
         return loss
 

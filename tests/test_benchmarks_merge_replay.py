@@ -1,6 +1,7 @@
 """benchmarks/merge_replay.py: replays find planted copies that stand apart, and report them as the harness does."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -201,3 +202,14 @@ def test_a_recording_without_copies_trains_on_the_data_as_it_is(monkeypatch):
     assert seen["settings"].plant_duplicates == 0.0 and seen["settings"].epochs == 7
     assert recorded["pairs"].shape == (0, 2) and recorded["input"] is None
     assert torch.equal(recorded["labels"], data.train.y)
+
+
+def test_rows_searching_a_space_the_recording_lacks_are_left_out(monkeypatch, tmp_path):
+    # A signals' recording keeps no digit block maps: main() replays the rows it can and skips the others.
+    recorded = {**recorded_run(rounds=2), "x": torch.zeros(66, 32), "kind": "signal", "final": {}, "input": None}
+    monkeypatch.setattr(merge_replay, "record", lambda *args: recorded)
+    rows = ["embeddings, ratio 0.75", "block 2 map 0.9, bank 0.8, groups of at most 3"]
+    assert merge_replay.main(["--rows", *rows, "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["name"] for row in saved["criteria"]] == ["embeddings, ratio 0.75"]
+    assert any(name.startswith("block 2 map 0.9") for name, _ in CRITERIA)

@@ -368,6 +368,23 @@ def test_feature_map_is_what_the_forward_pass_pools(encoder, last_block, head, x
     assert torch.allclose(out, head(encoder)(pooled), atol=1e-6)
 
 
+@pytest.mark.parametrize("blocks, shape", [(1, (3, 4, 28, 28)), (2, (3, 8, 14, 14)), (3, (3, 16, 7, 7))])
+def test_digit_maps_after_fewer_blocks_are_those_blocks_outputs(blocks, shape):
+    # Each block's output, caught by hooks during one ordinary forward pass, is the reference; the method
+    # embeds the same map, flattened channel by channel, for its block<k> search space.
+    torch.manual_seed(0)
+    encoder, x = DigitCNN(8, 4), torch.rand(3, 1, 28, 28)
+    encoder.eval()
+    caught = []
+    for block in encoder.features:
+        block.register_forward_hook(lambda module, inputs, output: caught.append(output))
+    encoder(x)
+    found = encoder.feature_map(x, blocks)
+    assert found.shape == shape and torch.allclose(found, caught[blocks - 1])
+    full = build_method("full", encoder, torch.arange(3), 1, MethodSettings(dim=8), torch.Generator(), inputs=x)
+    assert torch.allclose(full.embed_inputs(f"block{blocks}"), caught[blocks - 1].reshape(3, -1))
+
+
 def test_merge_rounds_hand_on_round_the_embeddings_backbone_features_maps_and_bank_rows(tiny):
     options = {"epochs": 2, "eval_every": 2, "batch_size": 16, "width": 4, "merge_warmup": 1, "knn_k": 5}
     settings = resolve("mnist1d", False, options)
