@@ -260,6 +260,18 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         for r, b in ((0.8, 0.75), (0.8, 0.8), (0.85, 0.8), (0.9, 0.8))
         for top in (0.5, 1.0)
     ),
+    # Digits: a looser confirmation by the bank, or none, on the last map (does the bank cap unseen recall?).
+    *(
+        (
+            f"spatial {r}, bank {b}, groups of at most 3",
+            {"search": "spatial", "ratio": r, "bank_ratio": b, "max_group_size": 3},
+        )
+        for r, b in ((0.8, 0.85), (0.85, 0.85), (0.9, 0.85), (0.8, 0.9), (0.85, 0.9))
+    ),
+    *(
+        (f"spatial {r} alone, groups of at most 3", {"search": "spatial", "ratio": r, "max_group_size": 3})
+        for r in (0.7, 0.75, 0.8)
+    ),
     # Digits: the maps after the first one, two or three of the encoder's four blocks (flattened, before any
     # pooling), nearer the pixels than the last: does a map that keeps more of where each stroke lies tell a copy
     # from a digit written alike better? The digits' criterion on each at several ratios, and with the share
