@@ -266,11 +266,22 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
             f"spatial {r}, bank {b}, groups of at most 3",
             {"search": "spatial", "ratio": r, "bank_ratio": b, "max_group_size": 3},
         )
-        for r, b in ((0.8, 0.85), (0.85, 0.85), (0.9, 0.85), (0.8, 0.9), (0.85, 0.9), (0.75, 0.95), (0.8, 0.95))
+        for r, b in (
+            (0.8, 0.85),
+            (0.85, 0.85),
+            (0.9, 0.85),
+            (0.8, 0.9),
+            (0.85, 0.9),
+            (0.75, 0.95),
+            (0.8, 0.95),
+            (0.675, 0.98),
+            (0.7, 0.98),
+            (0.7, 0.95),
+        )
     ),
     *(
         (f"spatial {r} alone, groups of at most 3", {"search": "spatial", "ratio": r, "max_group_size": 3})
-        for r in (0.65, 0.675, 0.69, 0.7, 0.75, 0.8)
+        for r in (0.65, 0.66, 0.675, 0.68, 0.69, 0.7, 0.75, 0.8)
     ),
     # Digits: the maps after the first one, two or three of the encoder's four blocks (flattened, before any
     # pooling), nearer the pixels than the last: does a map that keeps more of where each stroke lies tell a copy
