@@ -283,6 +283,10 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
         (f"spatial {r} alone, groups of at most 3", {"search": "spatial", "ratio": r, "max_group_size": 3})
         for r in (0.65, 0.66, 0.675, 0.68, 0.69, 0.7, 0.75, 0.8)
     ),
+    *(
+        (f"spatial {r} alone, pairs only", {"search": "spatial", "ratio": r, "max_group_size": 2})
+        for r in (0.675, 0.7, 0.72, 0.75)
+    ),
     # Digits: the maps after the first one, two or three of the encoder's four blocks (flattened, before any
     # pooling), nearer the pixels than the last: does a map that keeps more of where each stroke lies tell a copy
     # from a digit written alike better? The digits' criterion on each at several ratios, and with the share
