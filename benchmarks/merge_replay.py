@@ -285,7 +285,7 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
     *(
         (f"spatial {r} alone, pairs only", {"search": "spatial", "ratio": r, "max_group_size": 2})
-        for r in (0.675, 0.7, 0.72, 0.75)
+        for r in (0.675, 0.7, 0.72, 0.75, 0.76, 0.77, 0.78, 0.8)
     ),
     # Digits: the maps after the first one, two or three of the encoder's four blocks (flattened, before any
     # pooling), nearer the pixels than the last: does a map that keeps more of where each stroke lies tell a copy
