@@ -310,7 +310,9 @@ PURITY = 0.95
 
 def harness_criterion(method: MethodSettings) -> dict[str, Any]:
     """The quality harness's criterion for ``method``, written as a row of :data:`CRITERIA` writes it."""
-    criterion = {"ratio": method.merge_ratio, "bank_ratio": method.merge_bank_ratio or None, **method.merge_kwargs}
+    criterion = {"ratio": method.merge_ratio, **method.merge_kwargs}
+    if method.merge_bank_ratio:
+        criterion["bank_ratio"] = method.merge_bank_ratio
     if method.merge_search != "clean":
         criterion = {"search": SEARCHED[method.merge_search], **criterion}
     return criterion

@@ -472,13 +472,18 @@ class NeighbourMerger(nn.Module):
     Searched with the last row's criterion over 15 rounds (from the sixth epoch) it gives a reachable
     recall of 0.840 and a lowest precision of 0.857; with ``max_group_size=3``, which also takes the
     ratio test's reference one entry nearer (the second outside a pair, not the third), and ratio 0.9,
-    0.813 and 0.919. The harness runs the latter on digits: ``embeddings`` is a function returning the
-    feature maps of the unaugmented samples, flattened to one row each (``benchmarks/methods.py``).
-    Its unseen-class replay stops short of the recall target (0.69 at commit 602e035), and a larger share
-    or a stricter test only moves along the trade-off: of 21 rows on the feature map, the three that reach
-    0.8 there fall to 0.88 precision or under on seen classes. The pairs counted against precision share
-    their class (purity 0.994 or more wherever a share applies): digits written twice alike, which the
-    planted truth does not list (``benchmarks/results/merge_replay/tradeoff/``).
+    0.813 and 0.919. Its unseen-class replay stops short of the recall target (0.69 at commit 602e035), and
+    a larger share or a stricter test only moves along the trade-off: of 21 rows on the feature map, the
+    three that reach 0.8 there fall to 0.88 precision or under on seen classes
+    (``benchmarks/results/merge_replay/tradeoff/``). The bank confirmation is where unseen recall is lost
+    (a pair must also be mutually nearest groups in the bank), and groups of three are where precision is
+    (the feature map alone at ratio 0.75, groups of at most 3: 0.883 / 0.823 and 0.919 / 0.801). The
+    feature map alone, ``max_group_size=2`` and no ``bank_ratio``, gives 0.813 / 0.949 and 0.845 / 0.942
+    at ratio 0.75, 0.840 / 0.930 and 0.863 / 0.925 at 0.77 (commits 76a753f and 7459831,
+    ``benchmarks/results/merge_replay/confirmation/``). The harness runs the latter on digits:
+    ``embeddings`` is a function returning the feature maps of the unaugmented samples, flattened to one
+    row each (``benchmarks/methods.py``). The pairs counted against precision share their class (purity
+    1.000 at 0.77): digits written twice alike, which the planted truth does not list.
 
     **Schedule.** :meth:`step` is called after every bank update (``MemoryBankLoss`` does it). It
     counts epochs from the bank's :attr:`~ssl_memory.MemoryBank.samples_written`: N samples written

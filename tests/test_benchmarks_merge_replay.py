@@ -136,7 +136,7 @@ def test_the_harness_criterion_of_each_replayed_data_set_is_one_of_the_rows(data
     method = resolve(dataset, False, {}).method
     criterion = harness_criterion(method)
     assert criterion in [arguments for _, arguments in CRITERIA]
-    assert criterion.items() >= method.merge_kwargs.items()  # e.g. mnist5k's groups of at most 3
+    assert criterion.items() >= method.merge_kwargs.items()  # e.g. mnist5k's pairs only
     assert criterion.get("search", "embeddings") == {"mnist1d-tune": "embeddings", "mnist5k": "spatial"}[dataset]
 
 
