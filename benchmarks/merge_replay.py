@@ -163,8 +163,9 @@ CRITERIA: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
     # The signals' criterion made safer in early rounds: a floor on the link's cosine, three rounds in a row
     # for every pair not under the immediate ratio, or a later first round (rows for recordings whose rounds start
-    # at epoch 10, as the harness's did before 795a43e; on later ones the first recorded round is epoch 20).
-    *((f"signals' criterion from epoch {e}", {**SIGNALS_CRITERION, "from_epoch": e}) for e in (13, 16, 20)),
+    # at epoch 10, as the harness's did before 795a43e; on later ones the first recorded round is epoch 20, and
+    # epochs 25 and 30 ask whether a still later one spares the first rounds' pair of two classes).
+    *((f"signals' criterion from epoch {e}", {**SIGNALS_CRITERION, "from_epoch": e}) for e in (13, 16, 20, 25, 30)),
     *(
         (f"signals' criterion, cosine at least {floor}", {**SIGNALS_CRITERION, "min_similarity": floor})
         for floor in (0.9, 0.95, 0.97)
