@@ -421,10 +421,11 @@ class NeighbourMerger(nn.Module):
 
     Two rounds in a row filter what the share schedule filtered (a pair must keep passing), so they take
     every passing pair without one; three cost recall without gaining purity. The benchmark harness runs
-    the 0.87 row on signals. On digits, searching the last feature map, it does not help: the harness's
-    digits criterion gives 0.813 / 0.919 and 0.688 / 0.959 on mnist5k-val's seen and unseen replays (commit
-    cd14b20), two rounds in a row 0.680 / 0.977 and 0.463 / 1.000, and with every passing pair the lowest
-    precision falls to 0.71 and 0.75 (an early round of few merges decides it). In training on MNIST-1D
+    the 0.87 row on signals. On digits, searching the last feature map, it does not help: the digits
+    criterion of then (ratio 0.9, bank 0.8, groups of at most 3) gives 0.813 / 0.919 and 0.688 / 0.959 on
+    mnist5k-val's seen and unseen replays (commit cd14b20), two rounds in a row 0.680 / 0.977 and
+    0.463 / 1.000, and with every passing pair the lowest precision falls to 0.71 and 0.75 (an early round
+    of few merges decides it). In training on MNIST-1D
     without copies (61 rounds, 3 seeds, commit 1749178) the harness's rounds left class purity under 0.95
     in 7 / 13 / 0 rounds, all before the 25th, against 50 / 7 / 7 for the gradual schedule alone. The cost
     is a round of delay: on MNIST-1D's planted runs reachable recall fell 2-6 points (0.75-0.82), where the
