@@ -94,11 +94,12 @@ def findings(summary: dict[str, Any], settings: Settings) -> list[str]:
             out.append(f"On {name} the full method ({full:.3f}) is {relation} the raw input ({raw:.3f}).")
         merges = rows.get("full", {}).get("merge_rounds")
         if merges:
-            precision = " ".join(_number(r["precision"][0], 2) for r in merges)
+            # The share of merged entries in their group's majority class: not the planted precision.
+            majority = " ".join(_number(r["precision"][0], 2) for r in merges)
             last = merges[-1]
             out.append(
-                f"Merging on {protocol} classes: {len(merges)} rounds, precision per round {precision} "
-                f"(- where nothing was merged yet); at the end "
+                f"Merging on {protocol} classes: {len(merges)} rounds, majority-class share of the merged entries "
+                f"per round {majority} (- where nothing was merged yet); at the end "
                 f"{last['merged_entries'][0]:.0f} entries in merged groups, the largest of "
                 f"{last['largest_group'][0]:.0f}."
             )
